@@ -1,0 +1,20 @@
+"""mlbook: the package behind the book "Meta-learning: learning to learn".
+
+Correct, task-batched MAML (second and first order), Reptile and a transfer
+baseline on plain ``nn.Module`` models, task distributions, and training and
+evaluation loops. See ``book/api`` for the reference.
+"""
+
+from . import models, tasks
+from .maml import MAML
+from .reptile import Reptile
+from .tasks import TaskBatch
+from .train import EvalResult, TrainResult, default_device, evaluate, meta_train
+from .transfer import Pretrained
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAML", "Reptile", "Pretrained", "TaskBatch", "meta_train", "evaluate",
+    "EvalResult", "TrainResult", "default_device", "models", "tasks",
+]

@@ -1,0 +1,72 @@
+"""Model-Agnostic Meta-Learning (Finn et al., 2017), second and first order.
+
+The MAML objective over a task distribution p(T):
+
+    min_theta  E_{T ~ p(T)}  L_T^query( theta'_T ),
+    theta'_T = theta - alpha * grad_theta L_T^support(theta)      (one step)
+
+and its meta-gradient, by the chain rule through the inner step:
+
+    grad_theta L^query(theta') = (I - alpha * H_support(theta)) grad L^query(theta')
+
+``MAML.meta_loss`` builds exactly this (through every inner step) with
+``torch.func``; first-order MAML drops the Hessian term. Introduced in
+``book/04_maml``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import vmap
+
+from .inner import InnerLoop
+from .tasks import TaskBatch
+
+__all__ = ["MAML"]
+
+
+class MAML(InnerLoop):
+    """MAML on any plain ``nn.Module``; ``first_order=True`` gives FOMAML.
+
+    ``adapt``, ``predict`` and ``meta_loss`` never modify ``model``: they return
+    new tensors. ``meta_loss(batch).backward()`` leaves the exact MAML
+    meta-gradient in the model's ``.grad``.
+    """
+
+    def meta_loss(self, batch: TaskBatch, reduce: bool = True) -> torch.Tensor:
+        """Mean query loss after ``inner_steps`` steps on each support set.
+
+        All tasks run at once (``vmap`` over the task dim). With
+        ``reduce=False`` the per-task losses ``[T]`` are returned.
+        """
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+        if not self._check_pair(batch.x_support, batch.y_support, "x_support",
+                                "y_support"):
+            raise ValueError("meta_loss needs a batch [T, K, ...]; use batch.task(i)")
+        self._check_pair(batch.x_query, batch.y_query, "x_query", "y_query")
+        if batch.x_query.shape[1] == 0:
+            raise ValueError("x_query is empty: the meta-loss is taken on query points")
+        losses = vmap(self._task_query_loss, in_dims=(None, None, 0, 0, 0, 0))(
+            self.params(), self._buffers(), batch.x_support, batch.y_support,
+            batch.x_query, batch.y_query,
+        )  # [T]
+        self._finite(losses.sum(), "meta_loss")
+        return losses.mean() if reduce else losses
+
+    def _task_query_loss(self, params, buffers, x_s, y_s, x_q, y_q):
+        # L_T^query(theta'_T) for one task; theta'_T depends on theta through
+        # the inner steps, so backward() sees the (I - alpha H) factors.
+        fast = self._adapt_task(params, buffers, x_s, y_s, self.inner_steps,
+                                self.first_order)
+        return self._loss(fast, buffers, x_q, y_q)
+
+    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
+        """One outer update: zero grads, meta-loss, backward, optimizer step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    uses_optimizer = True

@@ -1,0 +1,64 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018).
+
+For each task, run plain SGD on its support set from theta to phi_T; then move
+the initialisation towards the adapted weights:
+
+    theta  <-  theta + outer_lr * ( mean_T phi_T - theta )
+
+No second derivatives and no query-set gradient: the update is a difference of
+weights. Introduced in ``book/06_reptile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inner import InnerLoop, _positive
+from .tasks import TaskBatch
+
+__all__ = ["Reptile"]
+
+
+class Reptile(InnerLoop):
+    """Reptile with task-batched SGD inner loops; ``meta_step`` updates the model.
+
+    With an ``optimizer`` passed to ``meta_step``, ``theta - mean phi`` is used as
+    the gradient and the optimizer takes the step (Reptile with Adam, say);
+    otherwise the plain update above is applied with ``outer_lr``.
+    """
+
+    uses_optimizer = False
+
+    def __init__(self, model, loss_fn, inner_lr: float, inner_steps: int = 5,
+                 outer_lr: float = 0.1, **kwargs):
+        super().__init__(model, loss_fn, inner_lr, inner_steps, first_order=True,
+                         **kwargs)
+        self.outer_lr = _positive("outer_lr", outer_lr)
+        if self.inner_steps == 0:
+            raise ValueError("inner_steps must be >= 1 for Reptile (phi would equal theta)")
+
+    def meta_step(self, batch: TaskBatch, optimizer=None) -> float:
+        """One Reptile update from a batch of tasks; returns the mean query loss
+        of the adapted weights (the support loss when there are no query points)."""
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+        if not self._check_pair(batch.x_support, batch.y_support, "x_support",
+                                "y_support"):
+            raise ValueError("meta_step needs a batch [T, K, ...]; use batch.task(i)")
+        has_query = batch.x_query.shape[1] > 0
+        x, y = (batch.x_query, batch.y_query) if has_query else \
+            (batch.x_support, batch.y_support)
+        with torch.no_grad():  # torch.func.grad still differentiates inside
+            theta = {k: p.detach() for k, p in self.params().items()}
+            phi = self.adapt(batch.x_support, batch.y_support, params=theta)  # [T, ...]
+            loss = self._finite(self.task_losses(phi, x, y).mean(), "Reptile loss")
+            for name, p in self.model.named_parameters():
+                # theta - mean_T phi_T is the Reptile "gradient"
+                direction = p - phi[name].mean(0)
+                if optimizer is None:
+                    p.sub_(self.outer_lr * direction)
+                else:
+                    p.grad = direction.clone()
+        if optimizer is not None:
+            optimizer.step()
+        return loss.item()

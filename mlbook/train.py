@@ -1,0 +1,221 @@
+"""Meta-training and evaluation loops: progress bars, seeding, devices,
+checkpoints that resume, and results as mean +- 95% interval.
+
+Introduced in ``book/04_maml``; every chapter that trains uses them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.func import vmap
+from tqdm.auto import tqdm
+
+from .inner import _positive
+from .tasks import TaskBatch
+
+__all__ = ["meta_train", "evaluate", "EvalResult", "TrainResult", "default_device"]
+
+
+def default_device() -> torch.device:
+    """CUDA when it is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class TrainResult:
+    """What ``meta_train`` returns: the loss of every meta-iteration run so far
+    (resumed runs include the earlier part) and the wall time of this call."""
+
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    iterations: int = 0
+    resumed_from: int = 0
+
+
+def _save_atomic(obj, path: Path):
+    # Write to a temporary file and rename, so an interruption never leaves a
+    # half-written checkpoint where a good one was.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def meta_train(learner, tasks, iterations: int, num_tasks: int = 25, k_support: int = 10,
+               k_query: int = 10, outer_lr: float = 1e-3, optimizer=None, seed: int = 0,
+               device=None, checkpoint=None, checkpoint_every: int = 1000,
+               resume: bool = True, progress: bool = True) -> TrainResult:
+    """Meta-train ``learner`` (MAML, Reptile or Pretrained) on ``tasks``.
+
+    Each iteration samples ``num_tasks`` tasks with ``k_support`` + ``k_query``
+    points from ``tasks`` (anything with ``sample(num_tasks, k_support, k_query,
+    generator=, device=)``) and calls ``learner.meta_step``. Learners that use an
+    optimizer get Adam(``outer_lr``) unless ``optimizer`` is given.
+
+    Tasks come from a generator seeded with ``seed``. With ``checkpoint`` (a
+    path), the model, optimizer, generator and loss history are saved every
+    ``checkpoint_every`` iterations and at the end; an existing checkpoint is
+    resumed (``resume=True``) so an interrupted run ends exactly where an
+    uninterrupted one would. ``resume=False`` refuses to overwrite an existing
+    file. The model is moved to ``device`` (default: CUDA when present).
+    """
+    iterations = _positive("iterations", iterations, int, allow_zero=True)
+    _positive("num_tasks", num_tasks, int)
+    _positive("k_support", k_support, int)
+    _positive("k_query", k_query, int, allow_zero=True)
+    _positive("checkpoint_every", checkpoint_every, int)
+    if not hasattr(tasks, "sample"):
+        raise TypeError("tasks must have sample(num_tasks, k_support, k_query, ...)")
+    device = torch.device(device) if device is not None else default_device()
+    model = learner.model.to(device)
+    if optimizer is None and learner.uses_optimizer:
+        optimizer = torch.optim.Adam(model.parameters(), lr=_positive("outer_lr", outer_lr))
+    generator = torch.Generator().manual_seed(seed)
+    config = dict(learner=type(learner).__name__, num_tasks=num_tasks,
+                  k_support=k_support, k_query=k_query, seed=seed)
+    result = TrainResult()
+
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"checkpoint {path} exists; pass resume=True to continue it, or "
+                "choose another path (mlbook never overwrites a checkpoint)")
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["config"] != config:
+            raise ValueError(f"checkpoint {path} was made with {state['config']}, "
+                             f"not {config}; use another path for this run")
+        model.load_state_dict(state["model"])
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        result.losses = list(state["losses"])
+        result.resumed_from = state["iteration"]
+        if progress:
+            print(f"resuming {path} at iteration {state['iteration']}", file=sys.stderr)
+    elif path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(iteration):
+        _save_atomic(dict(
+            iteration=iteration, config=config, model=model.state_dict(),
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+            losses=result.losses,
+        ), path)
+
+    start = time.perf_counter()
+    first = result.resumed_from
+    bar = tqdm(range(first, iterations), initial=first, total=iterations,
+               disable=not progress, mininterval=1.0, file=sys.stderr,
+               desc=type(learner).__name__)
+    for it in bar:
+        batch = tasks.sample(num_tasks, k_support, k_query, generator=generator,
+                             device=device)
+        result.losses.append(learner.meta_step(batch, optimizer))
+        if progress and (it + 1) % 100 == 0:
+            recent = result.losses[-100:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+        if path is not None and (it + 1) % checkpoint_every == 0:
+            save(it + 1)
+    bar.close()
+    if path is not None and (first < iterations or not path.exists()):
+        save(max(iterations, first))
+    result.seconds = time.perf_counter() - start
+    result.iterations = len(result.losses)
+    return result
+
+
+@dataclass
+class EvalResult:
+    """Metric after each number of adaptation steps over a fixed set of tasks.
+
+    ``values[i]`` holds the per-task metric after ``steps[i]`` steps; ``mean``
+    and ``ci95`` summarise it (95% interval: 1.96 standard errors).
+    """
+
+    steps: list
+    metric: str
+    values: torch.Tensor  # [len(steps), tasks]
+
+    @property
+    def mean(self) -> list:
+        return self.values.mean(1).tolist()
+
+    @property
+    def ci95(self) -> list:
+        n = self.values.shape[1]
+        if n < 2:
+            return [float("nan")] * len(self.steps)
+        return (1.96 * self.values.std(1) / math.sqrt(n)).tolist()
+
+    def at(self, steps: int) -> tuple[float, float]:
+        """(mean, ci95) after ``steps`` steps."""
+        i = self.steps.index(steps)
+        return self.mean[i], self.ci95[i]
+
+    def as_dict(self) -> dict:
+        return {"metric": self.metric, "tasks": self.values.shape[1],
+                "steps": self.steps, "mean": self.mean, "ci95": self.ci95}
+
+    def __str__(self):
+        rows = [f"{self.metric} over {self.values.shape[1]} tasks"]
+        rows += [f"  {s:>3} steps: {m:.4f} +- {c:.4f}"
+                 for s, m, c in zip(self.steps, self.mean, self.ci95)]
+        return "\n".join(rows)
+
+
+def _metric_fn(learner, metric):
+    if metric == "loss":
+        return lambda pred, y: vmap(learner.loss_fn)(pred, y)  # [T]
+    if metric == "accuracy":
+        return lambda pred, y: (pred.argmax(-1) == y).float().mean(-1)  # [T]
+    raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
+
+
+def evaluate(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
+             k_support: int = 10, k_query: int = 10, seed: int = 12345,
+             metric: str = "loss", chunk: int = 100, device=None) -> EvalResult:
+    """Adapt to fixed test tasks and report ``metric`` after each of ``steps``.
+
+    ``tasks`` is a distribution (then ``num_tasks`` tasks are drawn from a
+    generator seeded with ``seed``, ``chunk`` at a time, so every learner sees
+    the same tasks) or a ``TaskBatch`` used as it is. Adaptation is SGD with the
+    learner's ``inner_lr``; the model is not modified.
+    """
+    steps = sorted({_positive("steps", s, int, allow_zero=True) for s in steps})
+    if not steps:
+        raise ValueError("steps must name at least one step count")
+    score = _metric_fn(learner, metric)
+    device = torch.device(device) if device is not None else \
+        next(learner.model.parameters()).device
+    if isinstance(tasks, TaskBatch):
+        batches = [tasks.to(device)]
+    elif hasattr(tasks, "sample"):
+        _positive("num_tasks", num_tasks, int)
+        generator = torch.Generator().manual_seed(seed)
+        sizes = [min(chunk, num_tasks - i) for i in range(0, num_tasks, chunk)]
+        batches = (tasks.sample(n, k_support, k_query, generator=generator,
+                                device=device) for n in sizes)
+    else:
+        raise TypeError("tasks must be a TaskBatch or have sample(...)")
+    columns = []
+    with torch.no_grad():  # torch.func.grad still works inside no_grad
+        for batch in batches:
+            fast, done, rows = None, 0, []
+            for s in steps:
+                if s > done:
+                    fast = learner.adapt(batch.x_support, batch.y_support,
+                                         steps=s - done, params=fast)
+                    done = s
+                params = fast if fast is not None else learner.params()
+                rows.append(score(learner.predict(params, batch.x_query), batch.y_query))
+            columns.append(torch.stack(rows).float().cpu())  # [steps, T]
+    return EvalResult(steps, metric, torch.cat(columns, 1))
