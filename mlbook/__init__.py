@@ -5,7 +5,7 @@ baseline on plain ``nn.Module`` models, task distributions, and training and
 evaluation loops. See ``book/api`` for the reference.
 """
 
-from . import models, tasks
+from . import models, tasks, zoo
 from .maml import MAML
 from .reptile import Reptile
 from .tasks import TaskBatch
@@ -14,7 +14,29 @@ from .transfer import Pretrained
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # plots and widgets pull in matplotlib and ipywidgets: load them on first use.
+    if name in ("plots", "widgets"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mlbook' has no attribute {name!r}")
+
+
 __all__ = [
-    "MAML", "Reptile", "Pretrained", "TaskBatch", "meta_train", "evaluate",
-    "EvalResult", "TrainResult", "default_device", "models", "tasks",
+    "MAML",
+    "Reptile",
+    "Pretrained",
+    "TaskBatch",
+    "meta_train",
+    "evaluate",
+    "EvalResult",
+    "TrainResult",
+    "default_device",
+    "models",
+    "tasks",
+    "zoo",
+    "plots",
+    "widgets",
 ]

@@ -10,18 +10,37 @@ import sys
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mlbook")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sinusoid", help="MAML-paper sinusoid: MAML, FOMAML, Reptile, "
-                       "pretrained baseline; prints the MSE table")
+    s = sub.add_parser(
+        "sinusoid",
+        help="MAML-paper sinusoid: MAML, FOMAML, Reptile, "
+        "pretrained baseline; prints the MSE table",
+    )
     s.add_argument("--iterations", type=int, default=70_000)
     s.add_argument("--methods", default="maml,fomaml,reptile,pretrained")
-    s.add_argument("--out", default="runs/sinusoid",
-                   help="folder for resumable checkpoints and results.json")
+    s.add_argument(
+        "--out",
+        default="runs/sinusoid",
+        help="folder for resumable checkpoints and results.json",
+    )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--eval-tasks",
+        type=int,
+        default=600,
+        help="fixed test tasks for the MSE table (the paper protocol: 600)",
+    )
     s.add_argument("--device", default=None)
-    s.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (1 is fastest for this tiny MLP)")
-    s.add_argument("--ship", action="store_true",
-                   help="also write the trained models into mlbook/checkpoints")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1 is fastest for this tiny MLP)",
+    )
+    s.add_argument(
+        "--ship",
+        action="store_true",
+        help="also write the trained models into mlbook/checkpoints",
+    )
     b = sub.add_parser("bench", help="meta-steps per second against baselines")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -30,17 +49,26 @@ def main(argv=None):
         import torch
 
         from .reproduce import SINUSOID, sinusoid, sinusoid_table
+
         methods = [m for m in args.methods.split(",") if m]
         unknown = sorted(set(methods) - set(SINUSOID))
         if unknown:
             parser.error(f"unknown method(s) {unknown}; choose from {list(SINUSOID)}")
         torch.set_num_threads(args.threads)
-        results = sinusoid(methods, args.iterations, args.out, args.seed, args.device,
-                           args.ship)
+        results = sinusoid(
+            methods,
+            args.iterations,
+            args.out,
+            args.seed,
+            args.device,
+            args.ship,
+            eval_tasks=args.eval_tasks,
+        )
         print(sinusoid_table(results))
         print(f"(results in {args.out}/results.json)")
     elif args.command == "bench":
         from .bench import main as bench_main
+
         return bench_main(args.rest)
     return 0
 

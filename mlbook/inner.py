@@ -5,23 +5,54 @@ dict, takes SGD steps on copies, and returns the new dict. Each step is
 
     theta'  <-  theta' - inner_lr * grad_theta' L_support(f_theta')
 
-written with ``torch.func`` so that one task and a batch of tasks run the same
-code (``vmap`` over the task dim) and the steps stay differentiable for the
-outer loop. Introduced in ``book/03_tasks`` and ``book/04_maml``.
+with ``torch.func.vmap`` batching the forward pass over tasks (one task and a
+batch run the same code) and plain autograd taking the derivatives, keeping
+the graph so the outer loop can differentiate through the steps. Introduced
+in ``book/03_tasks`` and ``book/04_maml``.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 __all__ = ["InnerLoop"]
 
 # How many dims one example has, read off the first layer that fixes it.
 _EXAMPLE_DIMS = {nn.Linear: 1, nn.Conv1d: 2, nn.Conv2d: 3, nn.Conv3d: 4}
+
+
+# Parameter-free layers that act elementwise: fine on a [T, K, features] tensor.
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
+
+
+def _sequential_plan(model: nn.Module):
+    """For an ``nn.Sequential`` of Linear layers and elementwise activations
+    (``mlbook.models.MLP``), the layer list the fast batched forward walks;
+    None for any other model, which then runs under ``vmap``."""
+    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return None
+    plan = []
+    for name, layer in model.named_children():
+        if type(layer) is nn.Linear:
+            plan.append(name)
+        elif type(layer) in _ELEMENTWISE:
+            plan.append(layer)
+        else:
+            return None
+    return plan
 
 
 def _positive(name, value, kind=float, allow_zero=False):
@@ -49,11 +80,20 @@ class InnerLoop:
     layer when not given, and tells ``[K, ...]`` (one task) from ``[T, K, ...]``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, inner_lr: float, inner_steps: int = 1,
-                 first_order: bool = False, example_dims: int | None = None,
-                 check_finite: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        example_dims: int | None = None,
+        check_finite: bool = True,
+    ):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(prediction, target)")
         if not any(True for _ in model.parameters()):
@@ -63,8 +103,13 @@ class InnerLoop:
         self.inner_lr = _positive("inner_lr", inner_lr)
         self.inner_steps = _positive("inner_steps", inner_steps, int, allow_zero=True)
         self.first_order = bool(first_order)
-        self.example_dims = example_dims if example_dims is not None else _example_dims(model)
+        self.example_dims = (
+            example_dims if example_dims is not None else _example_dims(model)
+        )
         self.check_finite = check_finite
+        # A plain MLP gets a hand-batched forward (one bmm per layer): same
+        # numbers as vmap, a fraction of its per-call overhead on tiny models.
+        self._plan = _sequential_plan(model)
 
     # -- parameters -----------------------------------------------------------
     def params(self) -> dict:
@@ -73,8 +118,11 @@ class InnerLoop:
 
     def _buffers(self) -> dict:
         for name, m in self.model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training \
-                    and m.track_running_stats:
+            if (
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.training
+                and m.track_running_stats
+            ):
                 raise ValueError(
                     f"BatchNorm layer {name!r} updates running statistics in training "
                     "mode, which would modify the model during adaptation; build it "
@@ -128,32 +176,100 @@ class InnerLoop:
         # One host sync per call; turn off with check_finite=False for speed.
         if self.check_finite and not bool(torch.isfinite(loss).all()):
             raise FloatingPointError(
-                f"{what} is {loss.detach().flatten()[0].item()}: the inner loop diverged "
-                f"or the data hold NaN/inf; try a smaller inner_lr (now {self.inner_lr})"
+                f"{what} is {loss.detach().flatten()[0].item()}: the inner loop "
+                "diverged or the data hold NaN/inf; try a smaller inner_lr "
+                f"(now {self.inner_lr})"
             )
         return loss
 
     # -- the functional core ----------------------------------------------------
-    def _loss(self, params, buffers, x, y):
-        """L(f_params(x), y) for one task, without touching the module."""
-        return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
+    def _forward(self, params, buffers, x, batched, params_batched):
+        """f_params(x) for one task, or for each task of a batch ``[T, K, ...]``."""
+        if not batched:
+            return functional_call(self.model, (params, buffers), (x,))
+        if self._plan is not None and params_batched and x.dim() == 3:
+            h = x  # [T, K, in]
+            for step in self._plan:
+                if isinstance(step, str):  # Linear: h W^T + b, per task
+                    w, b = params[f"{step}.weight"], params.get(f"{step}.bias")
+                    h = (
+                        torch.bmm(h, w.transpose(1, 2))
+                        if b is None
+                        else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                    )
+                else:
+                    h = step(h)
+            return h  # [T, K, out]
+        call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
+        return vmap(call, in_dims=(0 if params_batched else None, 0))(params, x)
 
-    def _adapt_task(self, params, buffers, x, y, steps, first_order):
-        """``steps`` SGD steps on one task's support set (vmap adds the task dim)."""
-        grad_fn = grad(self._loss)
-        for _ in range(steps):
-            g = grad_fn(params, buffers, x, y)
-            if first_order:
-                # First-order MAML: treat the inner gradient as a constant, so the
-                # outer derivative of theta' w.r.t. theta is the identity.
-                g = {k: v.detach() for k, v in g.items()}
-            # theta' = theta - alpha * grad L_support(theta)
-            params = {k: p - self.inner_lr * g[k] for k, p in params.items()}
+    def _losses(self, params, buffers, x, y, batched, params_batched):
+        """Loss of each task ``[T]`` (a scalar for one task)."""
+        pred = self._forward(params, buffers, x, batched, params_batched)
+        if not batched:
+            return self.loss_fn(pred, y)
+        if self.loss_fn is F.mse_loss:  # the mean over each task's points
+            return (pred - y).square().flatten(1).mean(1)
+        return vmap(self.loss_fn)(pred, y)
+
+    def _adapt(self, params, buffers, x, y, steps, first_order, batched):
+        """``steps`` SGD steps from ``params`` on the support set ``(x, y)``.
+
+        ``vmap`` only batches the forward pass over tasks; derivatives come from
+        plain autograd. (torch.func's ``grad`` under ``vmap`` gets the second
+        derivative of batch/layer/instance norm wrong in torch 2.13; autograd
+        through the batched forward is exact: tests/test_maml.py checks Conv4.)
+        """
+        # Outside autograd (evaluation, Reptile) nothing needs to be kept for an
+        # outer derivative: work on detached leaves and return detached tensors.
+        differentiable = torch.is_grad_enabled()
+        create_graph = differentiable and not first_order
+        with torch.enable_grad():
+            if batched and not self._is_batched_params(params):
+                # One copy of theta per task: [T, ...]. expand() costs no memory,
+                # and autograd sums the per-task derivatives back into theta.
+                num_tasks = x.shape[0]
+                params = {k: p.expand(num_tasks, *p.shape) for k, p in params.items()}
+            if not differentiable:
+                params = {k: p.detach().requires_grad_() for k, p in params.items()}
+            params = {
+                k: p if p.requires_grad else p.detach().requires_grad_()
+                for k, p in params.items()
+            }
+            for _ in range(steps):
+                losses = self._losses(params, buffers, x, y, batched, batched)
+                # Task t's loss depends only on its own slice of the batched
+                # weights, so d(sum_t L_t)/d(theta_t) is task t's own gradient.
+                grads = torch.autograd.grad(
+                    losses.sum(), list(params.values()), create_graph=create_graph
+                )
+                params = self.inner_update(params, dict(zip(params, grads)))
+                if not differentiable:
+                    params = {k: p.detach().requires_grad_() for k, p in params.items()}
+        if not differentiable:
+            params = {k: p.detach() for k, p in params.items()}
         return params
 
     # -- public API -------------------------------------------------------------
-    def adapt(self, x_support, y_support, steps: int | None = None, params=None,
-              first_order: bool | None = None) -> dict:
+    def inner_update(self, params: dict, grads: dict) -> dict:
+        """One inner step from ``params`` given the support-loss ``grads``.
+
+        The hook to override for a new inner-loop rule (a learned per-parameter
+        rate as in Meta-SGD, say): return new tensors, never modify the inputs.
+        Shapes are ``[T, ...]`` for a batch of tasks.
+        """
+        # theta' = theta - alpha * grad L_support(theta). In first-order mode
+        # the gradient carries no graph, so d theta'/d theta = I.
+        return {k: p - self.inner_lr * grads[k] for k, p in params.items()}
+
+    def adapt(
+        self,
+        x_support,
+        y_support,
+        steps: int | None = None,
+        params=None,
+        first_order: bool | None = None,
+    ) -> dict:
         """Adapted parameters ``{name: tensor}`` after ``steps`` SGD steps.
 
         ``x_support``/``y_support`` are one task ``[K, ...]`` or a batch
@@ -162,38 +278,34 @@ class InnerLoop:
         ``params`` defaults to the model's own parameters and may be an
         earlier ``adapt`` result, to continue from it. The module is never
         modified. Under autograd the result is differentiable w.r.t. the
-        model's parameters (through every step unless first order).
+        model's parameters (through every step unless first order); under
+        ``torch.no_grad()`` it is detached and cheaper.
         """
-        steps = self.inner_steps if steps is None else _positive(
-            "steps", steps, int, allow_zero=True)
+        steps = (
+            self.inner_steps
+            if steps is None
+            else _positive("steps", steps, int, allow_zero=True)
+        )
         first_order = self.first_order if first_order is None else first_order
         batched = self._check_pair(x_support, y_support, "x_support", "y_support")
         params = self.params() if params is None else params
-        params_batched = self._is_batched_params(params)
-        if params_batched and not batched:
+        if self._is_batched_params(params) and not batched:
             raise ValueError("params hold a batch of tasks but x_support is one task")
-        buffers = self._buffers()
-        step = partial(self._adapt_task, steps=steps, first_order=first_order)
-        if batched:
-            step = vmap(step, in_dims=(0 if params_batched else None, None, 0, 0))
-        return step(params, buffers, x_support, y_support)
+        return self._adapt(
+            params, self._buffers(), x_support, y_support, steps, first_order, batched
+        )
 
     def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """f_params(x) for one task or a batch (``params`` from ``adapt``)."""
         batched = self._task_rank(x, "x")
         params_batched = self._is_batched_params(params)
-        buffers = self._buffers()
-        if not batched:
-            if params_batched:
-                raise ValueError("params hold a batch of tasks but x is one task")
-            return functional_call(self.model, (params, buffers), (x,))
-        call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
-        return vmap(call, in_dims=(0 if params_batched else None, 0))(params, x)
+        if params_batched and not batched:
+            raise ValueError("params hold a batch of tasks but x is one task")
+        return self._forward(params, self._buffers(), x, batched, params_batched)
 
     def task_losses(self, params: dict, x, y) -> torch.Tensor:
         """Loss of each task ``[T]`` (or a scalar for one task) at ``params``."""
         batched = self._check_pair(x, y, "x", "y")
-        if not batched:
-            return self._loss(params, self._buffers(), x, y)
-        in_p = 0 if self._is_batched_params(params) else None
-        return vmap(self._loss, in_dims=(in_p, None, 0, 0))(params, self._buffers(), x, y)
+        return self._losses(
+            params, self._buffers(), x, y, batched, self._is_batched_params(params)
+        )

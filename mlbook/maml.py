@@ -9,15 +9,15 @@ and its meta-gradient, by the chain rule through the inner step:
 
     grad_theta L^query(theta') = (I - alpha * H_support(theta)) grad L^query(theta')
 
-``MAML.meta_loss`` builds exactly this (through every inner step) with
-``torch.func``; first-order MAML drops the Hessian term. Introduced in
+``MAML.meta_loss`` builds exactly this (through every inner step): ``vmap``
+batches the tasks, autograd keeps the inner gradients' graph; first-order
+MAML drops the Hessian term. Introduced in
 ``book/04_maml``.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import vmap
 
 from .inner import InnerLoop
 from .tasks import TaskBatch
@@ -41,25 +41,22 @@ class MAML(InnerLoop):
         """
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
-        if not self._check_pair(batch.x_support, batch.y_support, "x_support",
-                                "y_support"):
-            raise ValueError("meta_loss needs a batch [T, K, ...]; use batch.task(i)")
+        if not self._check_pair(
+            batch.x_support, batch.y_support, "x_support", "y_support"
+        ):
+            raise ValueError(
+                f"meta_loss needs x_support as a batch [T, K, ...], got one "
+                f"task {tuple(batch.x_support.shape)}; use batch.task(i)"
+            )
         self._check_pair(batch.x_query, batch.y_query, "x_query", "y_query")
         if batch.x_query.shape[1] == 0:
             raise ValueError("x_query is empty: the meta-loss is taken on query points")
-        losses = vmap(self._task_query_loss, in_dims=(None, None, 0, 0, 0, 0))(
-            self.params(), self._buffers(), batch.x_support, batch.y_support,
-            batch.x_query, batch.y_query,
-        )  # [T]
+        # theta'_T for every task at once, differentiable w.r.t. theta through
+        # all inner steps; then L_T^query(theta'_T) for each task.
+        fast = self.adapt(batch.x_support, batch.y_support)  # {name: [T, ...]}
+        losses = self.task_losses(fast, batch.x_query, batch.y_query)  # [T]
         self._finite(losses.sum(), "meta_loss")
         return losses.mean() if reduce else losses
-
-    def _task_query_loss(self, params, buffers, x_s, y_s, x_q, y_q):
-        # L_T^query(theta'_T) for one task; theta'_T depends on theta through
-        # the inner steps, so backward() sees the (I - alpha H) factors.
-        fast = self._adapt_task(params, buffers, x_s, y_s, self.inner_steps,
-                                self.first_order)
-        return self._loss(fast, buffers, x_q, y_q)
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
         """One outer update: zero grads, meta-loss, backward, optimizer step."""

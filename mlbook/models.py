@@ -39,8 +39,13 @@ class Conv4(nn.Module):
     ``book/07_few_shot_images``.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 5, hidden: int = 64,
-                 image_size: int = 28):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        hidden: int = 64,
+        image_size: int = 28,
+    ):
         super().__init__()
         blocks, channels, size = [], in_channels, image_size
         for _ in range(4):

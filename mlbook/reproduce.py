@@ -41,9 +41,16 @@ TEST_LR = 0.01  # every method is fine-tuned at test time with SGD, alpha = 0.01
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                               capture_output=True, cwd=Path(__file__).parent,
-                               timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                text=True,
+                capture_output=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -56,9 +63,22 @@ def sinusoid_learner(method: str, model=None):
     return cls(model, F.mse_loss, **settings)
 
 
-def sinusoid(methods=tuple(SINUSOID), iterations=70_000, out="runs/sinusoid",
-             seed=0, device=None, ship=False, progress=True) -> dict:
+def sinusoid(
+    methods=tuple(SINUSOID),
+    iterations=70_000,
+    out="runs/sinusoid",
+    seed=0,
+    device=None,
+    ship=False,
+    progress=True,
+    eval_tasks=600,
+) -> dict:
     """Train and evaluate each method; returns and writes ``results.json``."""
+    if ship and eval_tasks != EVAL["num_tasks"]:
+        raise ValueError("ship=True needs the full evaluation (eval_tasks=600)")
+    unknown = sorted(set(methods) - set(SINUSOID))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(SINUSOID)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dist = Sinusoid()
@@ -66,33 +86,63 @@ def sinusoid(methods=tuple(SINUSOID), iterations=70_000, out="runs/sinusoid",
     for method in methods:
         torch.manual_seed(seed)
         learner = sinusoid_learner(method)
-        run = meta_train(learner, dist, iterations, num_tasks=25, k_support=10,
-                         k_query=10, outer_lr=1e-3, seed=seed, device=device,
-                         checkpoint=out / f"{method}.pt", progress=progress)
+        run = meta_train(
+            learner,
+            dist,
+            iterations,
+            num_tasks=25,
+            k_support=10,
+            k_query=10,
+            outer_lr=1e-3,
+            seed=seed,
+            device=device,
+            checkpoint=out / f"{method}.pt",
+            progress=progress,
+        )
         # Test-time fine-tuning is the same SGD for everyone.
         learner.inner_lr = TEST_LR
         start = time.perf_counter()
-        ev = evaluate(learner, dist, **EVAL)
-        by_k = {k: evaluate(learner, dist, steps=tuple(range(11)), num_tasks=600,
-                            k_support=k, k_query=100, seed=EVAL["seed"]).as_dict()
-                for k in (5, 10, 20)}
+        ev = evaluate(learner, dist, **(EVAL | {"num_tasks": eval_tasks}))
+        by_k = {
+            k: evaluate(
+                learner,
+                dist,
+                steps=tuple(range(11)),
+                num_tasks=eval_tasks,
+                k_support=k,
+                k_query=100,
+                seed=EVAL["seed"],
+            ).as_dict()
+            for k in (5, 10, 20)
+        }
         results[method] = dict(
-            method=method, iterations=iterations, train_seconds=round(run.seconds, 1),
-            eval_seconds=round(time.perf_counter() - start, 1), eval=ev.as_dict(),
-            eval_by_k=by_k, final_train_loss=sum(run.losses[-1000:]) / len(
-                run.losses[-1000:]),
+            method=method,
+            iterations=iterations,
+            train_seconds=round(run.seconds, 1),
+            eval_seconds=round(time.perf_counter() - start, 1),
+            eval=ev.as_dict(),
+            eval_by_k=by_k,
+            final_train_loss=sum(run.losses[-1000:]) / len(run.losses[-1000:]),
         )
         if ship:
             record = dict(
                 name=f"sinusoid-{method}",
                 model=dict(kind="MLP", in_features=1, hidden=[40, 40], out_features=1),
                 settings={k: v for k, v in SINUSOID[method].items() if k != "cls"},
-                train=dict(iterations=iterations, num_tasks=25, k_support=10,
-                           k_query=10, outer_lr=1e-3, seed=seed),
-                test_lr=TEST_LR, results=results[method],
+                train=dict(
+                    iterations=iterations,
+                    num_tasks=25,
+                    k_support=10,
+                    k_query=10,
+                    outer_lr=1e-3,
+                    seed=seed,
+                ),
+                test_lr=TEST_LR,
+                results=results[method],
                 command=f"python -m mlbook sinusoid --iterations {iterations} --ship",
                 device=str(next(learner.model.parameters()).device),
-                torch=torch.__version__, python=platform.python_version(),
+                torch=torch.__version__,
+                python=platform.python_version(),
                 commit=_commit(),
             )
             zoo.save(f"sinusoid-{method}", learner.model, record, overwrite=True)
@@ -102,13 +152,16 @@ def sinusoid(methods=tuple(SINUSOID), iterations=70_000, out="runs/sinusoid",
 
 def sinusoid_table(results: dict) -> str:
     """A plain-text table: MSE after 0, 1, 10 steps (mean +- 95% interval)."""
-    lines = [f"{'method':<11} {'0 steps':>17} {'1 step':>17} {'10 steps':>17} "
-             f"{'train s':>8}"]
+    lines = [
+        f"{'method':<11} {'0 steps':>17} {'1 step':>17} {'10 steps':>17} {'train s':>8}"
+    ]
     for method, r in results.items():
         ev = r["eval"]
         cells = [f"{m:8.4f} +- {c:.4f}" for m, c in zip(ev["mean"], ev["ci95"])]
-        lines.append(f"{method:<11} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
-                     f"{r['train_seconds']:>8.0f}")
+        lines.append(
+            f"{method:<11} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
+            f"{r['train_seconds']:>8.0f}"
+        )
     return "\n".join(lines)
 
 

@@ -29,25 +29,42 @@ class Reptile(InnerLoop):
 
     uses_optimizer = False
 
-    def __init__(self, model, loss_fn, inner_lr: float, inner_steps: int = 5,
-                 outer_lr: float = 0.1, **kwargs):
-        super().__init__(model, loss_fn, inner_lr, inner_steps, first_order=True,
-                         **kwargs)
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        inner_lr: float,
+        inner_steps: int = 5,
+        outer_lr: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(
+            model, loss_fn, inner_lr, inner_steps, first_order=True, **kwargs
+        )
         self.outer_lr = _positive("outer_lr", outer_lr)
         if self.inner_steps == 0:
-            raise ValueError("inner_steps must be >= 1 for Reptile (phi would equal theta)")
+            raise ValueError(
+                "inner_steps must be >= 1 for Reptile (phi would equal theta)"
+            )
 
     def meta_step(self, batch: TaskBatch, optimizer=None) -> float:
         """One Reptile update from a batch of tasks; returns the mean query loss
         of the adapted weights (the support loss when there are no query points)."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
-        if not self._check_pair(batch.x_support, batch.y_support, "x_support",
-                                "y_support"):
-            raise ValueError("meta_step needs a batch [T, K, ...]; use batch.task(i)")
+        if not self._check_pair(
+            batch.x_support, batch.y_support, "x_support", "y_support"
+        ):
+            raise ValueError(
+                f"meta_step needs x_support as a batch [T, K, ...], got one "
+                f"task {tuple(batch.x_support.shape)}; use batch.task(i)"
+            )
         has_query = batch.x_query.shape[1] > 0
-        x, y = (batch.x_query, batch.y_query) if has_query else \
-            (batch.x_support, batch.y_support)
+        x, y = (
+            (batch.x_query, batch.y_query)
+            if has_query
+            else (batch.x_support, batch.y_support)
+        )
         with torch.no_grad():  # torch.func.grad still differentiates inside
             theta = {k: p.detach() for k, p in self.params().items()}
             phi = self.adapt(batch.x_support, batch.y_support, params=theta)  # [T, ...]

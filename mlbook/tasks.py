@@ -71,8 +71,10 @@ class TaskBatch:
         """A copy with every tensor (including ``info`` tensors) on ``device``."""
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return TaskBatch(
-            move(self.x_support), move(self.y_support),
-            move(self.x_query), move(self.y_query),
+            move(self.x_support),
+            move(self.y_support),
+            move(self.x_query),
+            move(self.y_query),
             {k: move(v) for k, v in self.info.items()},
         )
 
@@ -80,8 +82,10 @@ class TaskBatch:
         """Task ``i`` as a batch of one (keeps the leading dim)."""
         pick = lambda v: v[i : i + 1] if isinstance(v, torch.Tensor) else v  # noqa: E731
         return TaskBatch(
-            pick(self.x_support), pick(self.y_support),
-            pick(self.x_query), pick(self.y_query),
+            pick(self.x_support),
+            pick(self.y_support),
+            pick(self.x_query),
+            pick(self.y_query),
             {k: pick(v) for k, v in self.info.items()},
         )
 
@@ -94,7 +98,9 @@ def _uniform(low, high, shape, generator):
 
 def _check_counts(num_tasks, k_support, k_query):
     for name, value, least in (
-        ("num_tasks", num_tasks, 1), ("k_support", k_support, 1), ("k_query", k_query, 0)
+        ("num_tasks", num_tasks, 1),
+        ("k_support", k_support, 1),
+        ("k_query", k_query, 0),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
@@ -117,7 +123,9 @@ class Sinusoid:
         for name in ("amplitude", "phase", "x_range"):
             low, high = getattr(self, name)
             if not low <= high:
-                raise ValueError(f"Sinusoid.{name} must be (low, high) with low <= high")
+                raise ValueError(
+                    f"Sinusoid.{name} must be (low, high) with low <= high"
+                )
 
     @staticmethod
     def function(x, amplitude, phase):
@@ -131,23 +139,30 @@ class Sinusoid:
         phase = _uniform(*self.phase, (num_tasks,), generator)
         return amp, phase
 
-    def make_batch(self, amplitude, phase, k_support, k_query, generator=None,
-                   device=None) -> TaskBatch:
+    def make_batch(
+        self, amplitude, phase, k_support, k_query, generator=None, device=None
+    ) -> TaskBatch:
         """Fresh support/query points for tasks with the given parameters."""
         amplitude = torch.as_tensor(amplitude, dtype=torch.float32).reshape(-1)
         phase = torch.as_tensor(phase, dtype=torch.float32).reshape(-1)
         num_tasks = amplitude.numel()
         _check_counts(num_tasks, k_support, k_query)
         x = _uniform(*self.x_range, (num_tasks, k_support + k_query, 1), generator)
-        y = self.function(x, amplitude[:, None, None], phase[:, None, None])  # [T, K+Q, 1]
+        y = self.function(
+            x, amplitude[:, None, None], phase[:, None, None]
+        )  # [T, K+Q, 1]
         batch = TaskBatch(
-            x[:, :k_support], y[:, :k_support], x[:, k_support:], y[:, k_support:],
+            x[:, :k_support],
+            y[:, :k_support],
+            x[:, k_support:],
+            y[:, k_support:],
             {"amplitude": amplitude, "phase": phase},
         )
         return batch.to(device) if device is not None else batch
 
-    def sample(self, num_tasks: int, k_support: int, k_query: int, generator=None,
-               device=None) -> TaskBatch:
+    def sample(
+        self, num_tasks: int, k_support: int, k_query: int, generator=None, device=None
+    ) -> TaskBatch:
         """``num_tasks`` new tasks with ``k_support`` + ``k_query`` points each."""
         _check_counts(num_tasks, k_support, k_query)
         amp, phase = self.sample_params(num_tasks, generator)

@@ -47,10 +47,22 @@ def _save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
-def meta_train(learner, tasks, iterations: int, num_tasks: int = 25, k_support: int = 10,
-               k_query: int = 10, outer_lr: float = 1e-3, optimizer=None, seed: int = 0,
-               device=None, checkpoint=None, checkpoint_every: int = 1000,
-               resume: bool = True, progress: bool = True) -> TrainResult:
+def meta_train(
+    learner,
+    tasks,
+    iterations: int,
+    num_tasks: int = 25,
+    k_support: int = 10,
+    k_query: int = 10,
+    outer_lr: float = 1e-3,
+    optimizer=None,
+    seed: int = 0,
+    device=None,
+    checkpoint=None,
+    checkpoint_every: int = 1000,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
     """Meta-train ``learner`` (MAML, Reptile or Pretrained) on ``tasks``.
 
     Each iteration samples ``num_tasks`` tasks with ``k_support`` + ``k_query``
@@ -75,10 +87,17 @@ def meta_train(learner, tasks, iterations: int, num_tasks: int = 25, k_support: 
     device = torch.device(device) if device is not None else default_device()
     model = learner.model.to(device)
     if optimizer is None and learner.uses_optimizer:
-        optimizer = torch.optim.Adam(model.parameters(), lr=_positive("outer_lr", outer_lr))
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=_positive("outer_lr", outer_lr)
+        )
     generator = torch.Generator().manual_seed(seed)
-    config = dict(learner=type(learner).__name__, num_tasks=num_tasks,
-                  k_support=k_support, k_query=k_query, seed=seed)
+    config = dict(
+        learner=type(learner).__name__,
+        num_tasks=num_tasks,
+        k_support=k_support,
+        k_query=k_query,
+        seed=seed,
+    )
     result = TrainResult()
 
     path = Path(checkpoint) if checkpoint is not None else None
@@ -86,11 +105,14 @@ def meta_train(learner, tasks, iterations: int, num_tasks: int = 25, k_support: 
         if not resume:
             raise FileExistsError(
                 f"checkpoint {path} exists; pass resume=True to continue it, or "
-                "choose another path (mlbook never overwrites a checkpoint)")
+                "choose another path (mlbook never overwrites a checkpoint)"
+            )
         state = torch.load(path, map_location=device, weights_only=True)
         if state["config"] != config:
-            raise ValueError(f"checkpoint {path} was made with {state['config']}, "
-                             f"not {config}; use another path for this run")
+            raise ValueError(
+                f"checkpoint {path} was made with {state['config']}, "
+                f"not {config}; use another path for this run"
+            )
         model.load_state_dict(state["model"])
         if optimizer is not None and state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -104,21 +126,34 @@ def meta_train(learner, tasks, iterations: int, num_tasks: int = 25, k_support: 
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(iteration):
-        _save_atomic(dict(
-            iteration=iteration, config=config, model=model.state_dict(),
-            optimizer=optimizer.state_dict() if optimizer is not None else None,
-            generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-            losses=result.losses,
-        ), path)
+        _save_atomic(
+            dict(
+                iteration=iteration,
+                config=config,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict() if optimizer is not None else None,
+                generator=generator.get_state(),
+                torch_rng=torch.get_rng_state(),
+                losses=result.losses,
+            ),
+            path,
+        )
 
     start = time.perf_counter()
     first = result.resumed_from
-    bar = tqdm(range(first, iterations), initial=first, total=iterations,
-               disable=not progress, mininterval=1.0, file=sys.stderr,
-               desc=type(learner).__name__)
+    bar = tqdm(
+        range(first, iterations),
+        initial=first,
+        total=iterations,
+        disable=not progress,
+        mininterval=1.0,
+        file=sys.stderr,
+        desc=type(learner).__name__,
+    )
     for it in bar:
-        batch = tasks.sample(num_tasks, k_support, k_query, generator=generator,
-                             device=device)
+        batch = tasks.sample(
+            num_tasks, k_support, k_query, generator=generator, device=device
+        )
         result.losses.append(learner.meta_step(batch, optimizer))
         if progress and (it + 1) % 100 == 0:
             recent = result.losses[-100:]
@@ -162,13 +197,20 @@ class EvalResult:
         return self.mean[i], self.ci95[i]
 
     def as_dict(self) -> dict:
-        return {"metric": self.metric, "tasks": self.values.shape[1],
-                "steps": self.steps, "mean": self.mean, "ci95": self.ci95}
+        return {
+            "metric": self.metric,
+            "tasks": self.values.shape[1],
+            "steps": self.steps,
+            "mean": self.mean,
+            "ci95": self.ci95,
+        }
 
     def __str__(self):
         rows = [f"{self.metric} over {self.values.shape[1]} tasks"]
-        rows += [f"  {s:>3} steps: {m:.4f} +- {c:.4f}"
-                 for s, m, c in zip(self.steps, self.mean, self.ci95)]
+        rows += [
+            f"  {s:>3} steps: {m:.4f} +- {c:.4f}"
+            for s, m, c in zip(self.steps, self.mean, self.ci95)
+        ]
         return "\n".join(rows)
 
 
@@ -180,9 +222,18 @@ def _metric_fn(learner, metric):
     raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
 
 
-def evaluate(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
-             k_support: int = 10, k_query: int = 10, seed: int = 12345,
-             metric: str = "loss", chunk: int = 100, device=None) -> EvalResult:
+def evaluate(
+    learner,
+    tasks,
+    steps=(0, 1, 10),
+    num_tasks: int = 600,
+    k_support: int = 10,
+    k_query: int = 10,
+    seed: int = 12345,
+    metric: str = "loss",
+    chunk: int = 100,
+    device=None,
+) -> EvalResult:
     """Adapt to fixed test tasks and report ``metric`` after each of ``steps``.
 
     ``tasks`` is a distribution (then ``num_tasks`` tasks are drawn from a
@@ -194,16 +245,21 @@ def evaluate(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
     if not steps:
         raise ValueError("steps must name at least one step count")
     score = _metric_fn(learner, metric)
-    device = torch.device(device) if device is not None else \
-        next(learner.model.parameters()).device
+    device = (
+        torch.device(device)
+        if device is not None
+        else next(learner.model.parameters()).device
+    )
     if isinstance(tasks, TaskBatch):
         batches = [tasks.to(device)]
     elif hasattr(tasks, "sample"):
         _positive("num_tasks", num_tasks, int)
         generator = torch.Generator().manual_seed(seed)
         sizes = [min(chunk, num_tasks - i) for i in range(0, num_tasks, chunk)]
-        batches = (tasks.sample(n, k_support, k_query, generator=generator,
-                                device=device) for n in sizes)
+        batches = (
+            tasks.sample(n, k_support, k_query, generator=generator, device=device)
+            for n in sizes
+        )
     else:
         raise TypeError("tasks must be a TaskBatch or have sample(...)")
     columns = []
@@ -212,10 +268,21 @@ def evaluate(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
             fast, done, rows = None, 0, []
             for s in steps:
                 if s > done:
-                    fast = learner.adapt(batch.x_support, batch.y_support,
-                                         steps=s - done, params=fast)
+                    fast = learner.adapt(
+                        batch.x_support, batch.y_support, steps=s - done, params=fast
+                    )
                     done = s
                 params = fast if fast is not None else learner.params()
-                rows.append(score(learner.predict(params, batch.x_query), batch.y_query))
+                rows.append(
+                    score(learner.predict(params, batch.x_query), batch.y_query)
+                )
             columns.append(torch.stack(rows).float().cpu())  # [steps, T]
-    return EvalResult(steps, metric, torch.cat(columns, 1))
+    values = torch.cat(columns, 1)
+    bad = ~torch.isfinite(values).all(1)
+    if bad.any():
+        raise FloatingPointError(
+            f"evaluate: the {metric} is NaN or infinite after "
+            f"{[s for s, b in zip(steps, bad) if b]} steps; the adaptation diverged "
+            f"(inner_lr {learner.inner_lr}) or the tasks hold NaN/inf"
+        )
+    return EvalResult(steps, metric, values)

@@ -30,7 +30,9 @@ class Pretrained(InnerLoop):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
         self._check_pair(batch.x_support, batch.y_support, "x_support", "y_support")
-        x = torch.cat([batch.x_support, batch.x_query], 1).flatten(0, 1)  # [T*(K+Q), ...]
+        x = torch.cat([batch.x_support, batch.x_query], 1).flatten(
+            0, 1
+        )  # [T*(K+Q), ...]
         y = torch.cat([batch.y_support, batch.y_query], 1).flatten(0, 1)
         return self._finite(self.loss_fn(self.model(x), y), "pooled loss")
 

@@ -38,7 +38,9 @@ def build_model(spec: dict) -> torch.nn.Module:
     kind = spec["kind"]
     args = {k: v for k, v in spec.items() if k != "kind"}
     if kind == "MLP":
-        return models.MLP(args["in_features"], tuple(args["hidden"]), args["out_features"])
+        return models.MLP(
+            args["in_features"], tuple(args["hidden"]), args["out_features"]
+        )
     if kind == "Conv4":
         return models.Conv4(**args)
     raise ValueError(f"unknown model kind {kind!r}")
@@ -48,14 +50,20 @@ def load(name: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     """``(model, record)`` for shipped checkpoint ``name``."""
     record = info(name)
     model = build_model(record["model"])
-    state = torch.load(CHECKPOINTS / f"{name}.pt", map_location=device,
-                       weights_only=True)
+    state = torch.load(
+        CHECKPOINTS / f"{name}.pt", map_location=device, weights_only=True
+    )
     model.load_state_dict(state)
     return model.to(device), record
 
 
-def save(name: str, model: torch.nn.Module, record: dict, directory=CHECKPOINTS,
-         overwrite: bool = False):
+def save(
+    name: str,
+    model: torch.nn.Module,
+    record: dict,
+    directory=CHECKPOINTS,
+    overwrite: bool = False,
+):
     """Write ``name.pt`` and ``name.json``; refuses to replace existing files
     unless ``overwrite=True``."""
     directory = Path(directory)

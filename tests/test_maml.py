@@ -1,0 +1,250 @@
+"""MAML and first-order MAML against independent computations, in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlbook as ml
+
+
+def linear_tasks(num_tasks, k, q, d, device, gen):
+    xs = torch.randn(num_tasks, k, d, generator=gen, dtype=torch.float64)
+    ys = torch.randn(num_tasks, k, 1, generator=gen, dtype=torch.float64)
+    xq = torch.randn(num_tasks, q, d, generator=gen, dtype=torch.float64)
+    yq = torch.randn(num_tasks, q, 1, generator=gen, dtype=torch.float64)
+    return ml.TaskBatch(xs, ys, xq, yq).to(device)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_gradient_matches_closed_form_linear_regression(device, steps):
+    # f(x) = x . w, L(w) = (1/K) ||X w - y||^2, so grad = (2/K) X^T (X w - y) and
+    # H = (2/K) X^T X. After n SGD steps d w_n / d w = (I - alpha H)^n, hence the
+    # meta-gradient of task T is (I - alpha H_s)^n (2/Q) X_q^T (X_q w_n - y_q).
+    d, alpha = 4, 0.05
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Linear(d, 1, bias=False).double().to(device)
+    batch = linear_tasks(5, 6, 7, d, device, gen)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=alpha, inner_steps=steps)
+    maml.meta_loss(batch).backward()
+
+    w0 = net.weight.detach().reshape(d, 1)
+    expected = torch.zeros_like(w0)
+    eye = torch.eye(d, dtype=torch.float64, device=device)
+    for t in range(batch.num_tasks):
+        xs, ys = batch.x_support[t], batch.y_support[t]
+        xq, yq = batch.x_query[t], batch.y_query[t]
+        hess = 2 / xs.shape[0] * xs.T @ xs
+        w = w0.clone()
+        for _ in range(steps):
+            w = w - alpha * 2 / xs.shape[0] * xs.T @ (xs @ w - ys)
+        outer = 2 / xq.shape[0] * xq.T @ (xq @ w - yq)
+        expected += torch.linalg.matrix_power(eye - alpha * hess, steps) @ outer
+    expected /= batch.num_tasks
+    torch.testing.assert_close(
+        net.weight.grad.reshape(d, 1), expected, rtol=1e-10, atol=1e-12
+    )
+
+
+def test_meta_gradient_matches_finite_differences_mlp(device):
+    gen = torch.Generator().manual_seed(2)
+    net = ml.models.MLP(1, (6, 5), 1).double().to(device)
+    batch = ml.tasks.Sinusoid().sample(3, 5, 4, generator=gen).to(device)
+    batch = ml.TaskBatch(
+        *(
+            t.double()
+            for t in (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+        )
+    )
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.1, inner_steps=2)
+    maml.meta_loss(batch).backward()
+    eps = 1e-6
+    for p in net.parameters():
+        flat, grad = p.data.view(-1), p.grad.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            flat[i] = old + eps
+            up = maml.meta_loss(batch).item()
+            flat[i] = old - eps
+            down = maml.meta_loss(batch).item()
+            flat[i] = old
+            assert abs((up - down) / (2 * eps) - grad[i].item()) < 1e-6 * max(
+                1.0, abs(grad[i].item())
+            )
+
+
+def conv4_forward(params, x, num_blocks=4):
+    """Conv4 written with plain torch.nn.functional (no torch.func, no module)."""
+    h = x
+    for b in range(num_blocks):
+        h = F.conv2d(
+            h,
+            params[f"features.{4 * b}.weight"],
+            params[f"features.{4 * b}.bias"],
+            padding=1,
+        )
+        h = F.batch_norm(
+            h,
+            None,
+            None,
+            params[f"features.{4 * b + 1}.weight"],
+            params[f"features.{4 * b + 1}.bias"],
+            training=True,
+        )
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
+
+
+def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device):
+    # vmap turns per-task weights into grouped convolutions and batched batch
+    # norm; this checks those batching rules (and their double backward)
+    # against a per-task loop of ordinary autograd.
+    gen = torch.Generator().manual_seed(3)
+    n_way, k, q, tasks, alpha, steps = 5, 1, 2, 3, 0.4, 2
+    net = ml.models.Conv4(1, n_way, hidden=8).double().to(device)
+    x_s = torch.randn(tasks, n_way * k, 1, 28, 28, generator=gen, dtype=torch.float64)
+    x_q = torch.randn(tasks, n_way * q, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y_s = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1)
+    y_q = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1)
+    batch = ml.TaskBatch(x_s, y_s, x_q, y_q).to(device)
+    maml = ml.MAML(net, F.cross_entropy, inner_lr=alpha, inner_steps=steps)
+    maml.meta_loss(batch).backward()
+    got = {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    total = 0
+    for t in range(tasks):
+        fast = dict(theta)
+        for _ in range(steps):
+            loss = F.cross_entropy(
+                conv4_forward(fast, batch.x_support[t]), batch.y_support[t]
+            )
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {n: w - alpha * g for (n, w), g in zip(fast.items(), grads)}
+        total = total + F.cross_entropy(
+            conv4_forward(fast, batch.x_query[t]), batch.y_query[t]
+        )
+    expected = torch.autograd.grad(total / tasks, list(theta.values()))
+    for (name, _), e in zip(theta.items(), expected):
+        torch.testing.assert_close(got[name], e, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_first_order_equals_query_gradient_at_adapted_params(device):
+    gen = torch.Generator().manual_seed(4)
+    net = ml.models.MLP(1, (8, 8), 1).double().to(device)
+    b = ml.tasks.Sinusoid().sample(4, 5, 5, generator=gen)
+    batch = ml.TaskBatch(
+        *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
+    ).to(device)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.05, inner_steps=2, first_order=True)
+    maml.meta_loss(batch).backward()
+
+    expected = [torch.zeros_like(p) for p in net.parameters()]
+    for t in range(batch.num_tasks):
+        clone = copy.deepcopy(net)
+        for _ in range(2):
+            loss = F.mse_loss(clone(batch.x_support[t]), batch.y_support[t])
+            grads = torch.autograd.grad(loss, list(clone.parameters()))
+            with torch.no_grad():
+                for p, g in zip(clone.parameters(), grads):
+                    p -= 0.05 * g
+        loss = F.mse_loss(clone(batch.x_query[t]), batch.y_query[t])
+        for e, g in zip(expected, torch.autograd.grad(loss, list(clone.parameters()))):
+            e += g / batch.num_tasks
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_second_and_first_order_differ(device):
+    net = ml.models.MLP(1, (8, 8), 1).double().to(device)
+    b = ml.tasks.Sinusoid().sample(4, 5, 5, generator=torch.Generator().manual_seed(5))
+    batch = ml.TaskBatch(
+        *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
+    ).to(device)
+    grads = []
+    for first_order in (False, True):
+        net.zero_grad()
+        ml.MAML(net, F.mse_loss, 0.1, 1, first_order=first_order).meta_loss(
+            batch
+        ).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert (grads[0] - grads[1]).norm() > 1e-3 * grads[0].norm()
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_meta_loss_equals_mean_of_single_task_losses(device, first_order):
+    net = ml.models.MLP(1, (10, 10), 1).double().to(device)
+    b = ml.tasks.Sinusoid().sample(6, 5, 7, generator=torch.Generator().manual_seed(6))
+    batch = ml.TaskBatch(
+        *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
+    ).to(device)
+    maml = ml.MAML(net, F.mse_loss, 0.05, 2, first_order=first_order)
+    batched = maml.meta_loss(batch)
+    g_batched = torch.autograd.grad(batched, list(net.parameters()))
+    singles = []
+    for t in range(batch.num_tasks):  # the one-task path: [K, 1] inputs
+        fast = maml.adapt(batch.x_support[t], batch.y_support[t])
+        singles.append(
+            F.mse_loss(maml.predict(fast, batch.x_query[t]), batch.y_query[t])
+        )
+    single = torch.stack(singles).mean()
+    g_single = torch.autograd.grad(single, list(net.parameters()))
+    torch.testing.assert_close(batched, single, rtol=1e-12, atol=1e-12)
+    for a, b_ in zip(g_batched, g_single):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bitwise_equal(before, module):
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_adapt_predict_meta_loss_never_modify_the_module(device):
+    net = ml.models.Conv4(1, 5, hidden=8).to(device)
+    before = snapshot(net)
+    x_s = torch.randn(2, 5, 1, 28, 28, device=device)
+    y_s = torch.arange(5, device=device).expand(2, -1)
+    maml = ml.MAML(net, F.cross_entropy, inner_lr=0.4, inner_steps=3)
+    fast = maml.adapt(x_s, y_s)
+    maml.predict(fast, x_s)
+    maml.adapt(x_s[0], y_s[0], steps=5)
+    loss = maml.meta_loss(ml.TaskBatch(x_s, y_s, x_s, y_s))
+    loss.backward()
+    assert_bitwise_equal(before, net)
+    # adapted tensors are new ones, not views of the module's parameters
+    for name, p in net.named_parameters():
+        assert fast[name].data_ptr() != p.data_ptr()
+
+
+def test_adapt_takes_more_steps_at_test_time_and_continues_from_params(device):
+    net = ml.models.MLP(1, (8,), 1).double().to(device)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.05, inner_steps=1)
+    b = ml.tasks.Sinusoid().sample(3, 5, 5, generator=torch.Generator().manual_seed(7))
+    xs, ys = b.x_support.double().to(device), b.y_support.double().to(device)
+    with torch.no_grad():
+        ten = maml.adapt(xs, ys, steps=10)
+        four_then_six = maml.adapt(xs, ys, steps=6, params=maml.adapt(xs, ys, steps=4))
+        zero = maml.adapt(xs, ys, steps=0)
+    for k in ten:
+        torch.testing.assert_close(ten[k], four_then_six[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(zero[k], net.get_parameter(k).expand_as(zero[k]))
+    assert (maml.task_losses(ten, xs, ys) < maml.task_losses(zero, xs, ys)).all()
+
+
+def test_meta_training_learns_the_sinusoid():
+    torch.manual_seed(0)
+    net = ml.models.MLP(1, (40, 40), 1)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.01, inner_steps=1)
+    dist = ml.tasks.Sinusoid()
+    before = ml.evaluate(maml, dist, steps=(1,), num_tasks=100, seed=1).mean[0]
+    ml.meta_train(maml, dist, 300, progress=False, device="cpu")
+    after = ml.evaluate(maml, dist, steps=(1,), num_tasks=100, seed=1).mean[0]
+    assert after < 0.8 * before
