@@ -205,7 +205,6 @@ def evaluate_protocols(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
         x = torch.cat([x_support, x_one[None]])  # [N*K + 1, C, H, W]
         return functional_call(model, (params, buffers), (x,))[-1]  # [n_way]
 
-    per_query = vmap(one, in_dims=(None, None, 0))  # over a task's query images
     trans, single, seen = [], [], 0
     with torch.no_grad():  # torch.func.grad still works inside no_grad
         for n in sizes:
@@ -226,8 +225,11 @@ def evaluate_protocols(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
                     in_p = 0 if fast is not None else None
                     sub = {k: v[:m] for k, v in params.items()} if in_p == 0 \
                         else params
-                    logits = vmap(per_query, in_dims=(in_p, 0, 0))(
-                        sub, batch.x_support[:m], batch.x_query[:m])  # [m, Q, n_way]
+                    per_task = vmap(one, in_dims=(in_p, 0, 0))  # over tasks
+                    # one query position at a time keeps memory at m*(N*K+1) images
+                    logits = torch.stack([
+                        per_task(sub, batch.x_support[:m], batch.x_query[:m, j])
+                        for j in range(batch.x_query.shape[1])], 1)  # [m, Q, n_way]
                     rows1.append(score(logits, batch.y_query[:m]))  # [m]
             trans.append(torch.stack(rows).float().cpu())  # [steps, T]
             if rows1:

@@ -181,9 +181,14 @@ def headline(result: dict, protocol: str = "transductive") -> tuple[float, float
 
 def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         out="runs/omniglot", device=None, ship=False, eval_tasks=EVAL["num_tasks"],
-        one_query_tasks=None, root=None, progress=True) -> dict:
-    """Train and evaluate one table cell; returns (and writes) its result."""
+        one_query_tasks=None, meta_batch=None, root=None, progress=True) -> dict:
+    """Train and evaluate one table cell; returns (and writes) its result.
+    ``meta_batch`` overrides the paper's number of tasks per meta-iteration
+    (the record keeps both)."""
     s = settings(method, way, shot)
+    paper_meta_batch = s["meta_batch"]
+    if meta_batch is not None:
+        s["meta_batch"] = meta_batch
     device = torch.device(device) if device is not None else default_device()
     data = omniglot_data.load(root)
     train = fewshot.omniglot("train", way, data=data)
@@ -210,7 +215,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     res = meta_train(trainer, train, iterations, num_tasks=s["meta_batch"],
                      k_support=s["k_support"], k_query=s["k_query"],
                      outer_lr=s["outer_lr"], seed=seed, device=device, checkpoint=ckpt,
-                     progress=progress)
+                     checkpoint_every=100, progress=progress)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
     learner.model.eval()  # Conv4's batch norm uses batch statistics either way
     wall, cpu = time.perf_counter(), time.process_time()
@@ -220,6 +225,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     check = quick_check(learner, test, s)
     command = (f"python -m mlbook.omniglot_repro --method {method} --way {way} "
                f"--shot {shot} --iterations {iterations}"
+               + (f" --meta-batch {meta_batch}" if meta_batch is not None else "")
                + (f" --seed {seed}" if seed else "")
                + (f" --eval-tasks {eval_tasks}" if eval_tasks != EVAL["num_tasks"]
                   else "")
@@ -231,7 +237,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         model=dict(kind="Conv4", in_channels=1, num_classes=way, hidden=64,
                    image_size=28),
         settings=s,
-        paper_iterations=s["iterations"],
+        paper_iterations=s["iterations"], paper_meta_batch=paper_meta_batch,
         train=dict(iterations=iterations, seed=seed, meta_batch=s["meta_batch"],
                    wall_seconds=round(train_wall, 1), cpu_seconds=round(train_cpu, 1),
                    cpu_seconds_per_iteration=round(per_it, 3) if per_it else None,
@@ -256,17 +262,33 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     return result
 
 
+def paper_numbers(method: str, way: int, shot: int) -> dict:
+    """The papers' accuracy (%, 95% interval) for one cell, by protocol:
+    ``{"transductive": ..., "one_query_at_a_time": ...}`` (None where the
+    papers give none). MAML's numbers are transductive; the Reptile paper
+    gives both."""
+    if method == "reptile":
+        return {"transductive": PAPER.get(("reptile+transduction", way, shot)),
+                "one_query_at_a_time": PAPER.get(("reptile", way, shot))}
+    return {"transductive": PAPER.get((method, way, shot)), "one_query_at_a_time": None}
+
+
 def table(results) -> str:
-    """A plain-text table of results next to the papers' numbers."""
-    lines = [f"{'cell':<24} {'iters':>7} {'ours (transd.)':>16} {'ours (1 query)':>16}"
-             f" {'paper':>14}"]
+    """A plain-text table of results next to the papers' numbers, by protocol."""
+    def cell(pair):
+        return f"{pair[0]:6.2f} +- {pair[1]:<5.2f}" if pair else f"{'-':>6}{'':9}"
+
+    lines = [f"{'':22} {'':>13} {'transductive':^31} {'one query at a time':^31}",
+             f"{'cell':<22} {'iterations':>13} {'ours':^15} {'paper':^15} "
+             f"{'ours':^15} {'paper':^15}"]
     for r in results:
-        a, c = headline(r)
-        a1, c1 = headline(r, "one_query_at_a_time")
-        p = r.get("paper")
-        paper = f"{p[0]:.2f} +- {p[1]:.2f}" if p else "-"
-        lines.append(f"{r['name']:<24} {r['train']['iterations']:>7} "
-                     f"{a:>8.2f} +- {c:<5.2f} {a1:>8.2f} +- {c1:<5.2f} {paper:>14}")
+        s = r["settings"]
+        paper = paper_numbers(s["method"], s["way"], s["shot"])
+        iters = f"{r['train']['iterations']}/{r['paper_iterations'] // 1000}k"
+        lines.append(f"{r['name']:<22} {iters:>13} {cell(headline(r))} "
+                     f"{cell(paper['transductive'])} "
+                     f"{cell(headline(r, 'one_query_at_a_time'))} "
+                     f"{cell(paper['one_query_at_a_time'])}")
     return "\n".join(lines)
 
 
@@ -280,6 +302,8 @@ def main(argv=None):
                    help="meta-iterations (default: the paper's)")
     p.add_argument("--cpu-minutes", type=float, default=None,
                    help="choose --iterations to fit this much CPU time")
+    p.add_argument("--meta-batch", type=int, default=None,
+                   help="tasks per meta-iteration (default: the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-tasks", type=int, default=EVAL["num_tasks"],
                    help="test tasks (default 600)")
@@ -295,7 +319,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     r = run(a.method, a.way, a.shot, a.iterations, a.cpu_minutes, a.seed, a.out,
-            a.device, a.ship, a.eval_tasks, a.one_query_tasks, a.root)
+            a.device, a.ship, a.eval_tasks, a.one_query_tasks, a.meta_batch, a.root)
     print(table([r]))
     return 0
 

@@ -138,6 +138,7 @@ def sinusoid(
                     seed=seed,
                 ),
                 test_lr=TEST_LR,
+                eval_protocol=dict(EVAL, steps=list(EVAL["steps"]), test_lr=TEST_LR),
                 results=results[method],
                 command=f"python -m mlbook sinusoid --iterations {iterations} --ship",
                 device=str(next(learner.model.parameters()).device),

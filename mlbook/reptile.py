@@ -20,11 +20,12 @@ __all__ = ["Reptile"]
 
 
 class Reptile(InnerLoop):
-    """Reptile with task-batched SGD inner loops; ``meta_step`` updates the model.
+    """Reptile with task-batched SGD inner loops; ``meta_step`` updates the model
+    in place: theta <- theta + outer_lr * (mean_T phi_T - theta).
 
     With an ``optimizer`` passed to ``meta_step``, ``theta - mean phi`` is used as
     the gradient and the optimizer takes the step (Reptile with Adam, say);
-    otherwise the plain update above is applied with ``outer_lr``.
+    otherwise that plain update is applied with ``outer_lr``.
     """
 
     uses_optimizer = False

@@ -65,6 +65,7 @@ class TaskBatch:
 
     @property
     def num_tasks(self) -> int:
+        """How many tasks the batch holds (the size of dim 0)."""
         return self.x_support.shape[0]
 
     def to(self, device) -> TaskBatch:

@@ -31,7 +31,8 @@ def default_device() -> torch.device:
 @dataclass
 class TrainResult:
     """What ``meta_train`` returns: the loss of every meta-iteration run so far
-    (resumed runs include the earlier part) and the wall time of this call."""
+    and the training wall time, both including the earlier part of a resumed
+    run (``resumed_from`` says where this call started)."""
 
     losses: list = field(default_factory=list)
     seconds: float = 0.0
@@ -122,10 +123,13 @@ def meta_train(
         torch.set_rng_state(state["torch_rng"])
         result.losses = list(state["losses"])
         result.resumed_from = state["iteration"]
+        earlier_seconds = state.get("seconds", 0.0)
         if progress:
             print(f"resuming {path} at iteration {state['iteration']}", file=sys.stderr)
     elif path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path is None or not path.exists():
+        earlier_seconds = 0.0
 
     def save(iteration):
         _save_atomic(
@@ -137,6 +141,7 @@ def meta_train(
                 generator=generator.get_state(),
                 torch_rng=torch.get_rng_state(),
                 losses=result.losses,
+                seconds=earlier_seconds + time.perf_counter() - start,
             ),
             path,
         )
@@ -165,7 +170,7 @@ def meta_train(
     bar.close()
     if path is not None and (first < iterations or not path.exists()):
         save(max(iterations, first))
-    result.seconds = time.perf_counter() - start
+    result.seconds = earlier_seconds + time.perf_counter() - start
     result.iterations = len(result.losses)
     return result
 
@@ -184,10 +189,12 @@ class EvalResult:
 
     @property
     def mean(self) -> list:
+        """Mean metric over the tasks, one value per entry of ``steps``."""
         return self.values.mean(1).tolist()
 
     @property
     def ci95(self) -> list:
+        """Half-width of the 95% interval of the mean: 1.96 standard errors."""
         n = self.values.shape[1]
         if n < 2:
             return [float("nan")] * len(self.steps)
@@ -199,6 +206,7 @@ class EvalResult:
         return self.mean[i], self.ci95[i]
 
     def as_dict(self) -> dict:
+        """Metric, task count, steps, means and intervals, ready for JSON."""
         return {
             "metric": self.metric,
             "tasks": self.values.shape[1],

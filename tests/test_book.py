@@ -70,14 +70,16 @@ def _notebook(entry: str) -> nbformat.NotebookNode:
     return nbformat.read(path, as_version=4)
 
 
-def _heading_index(cells, title: str) -> int:
-    """Index of the markdown cell that starts with the level-2 heading ``title``."""
+def _heading_position(cells, title: str) -> tuple[int, int]:
+    """(cell, line) of the level-2 heading ``## title`` in a markdown cell."""
     heading = re.compile(rf"##\s+{re.escape(title)}\s*$")
     for i, cell in enumerate(cells):
-        lines = cell.source.strip().splitlines()
-        if cell.cell_type == "markdown" and lines and heading.match(lines[0]):
-            return i
-    pytest.fail(f"no markdown cell starting with '## {title}'")
+        if cell.cell_type != "markdown":
+            continue
+        for j, line in enumerate(cell.source.splitlines()):
+            if heading.match(line.strip()):
+                return i, j
+    pytest.fail(f"no markdown heading '## {title}'")
 
 
 def _bib_keys() -> list[str]:
@@ -190,17 +192,19 @@ def test_chapter_has_figure_and_asserts(entry):
 @pytest.mark.parametrize("entry", CHAPTERS)
 def test_chapter_closing_sections(entry):
     cells = _notebook(entry).cells
-    summary = _heading_index(cells, "Summary")
-    exercises = _heading_index(cells, "Exercises")
-    references = _heading_index(cells, "References")
+    summary = _heading_position(cells, "Summary")
+    exercises = _heading_position(cells, "Exercises")
+    references = _heading_position(cells, "References")
     assert summary < exercises < references, "order: Summary, Exercises, References"
+    exercises, references = exercises[0], references[0]  # cell indices
     solutions = [c for c in cells[exercises:references] if c.cell_type == "code"]
     hidden = [c for c in solutions if "hide-input" in c.metadata.get("tags", [])]
     assert len(hidden) >= 3, f"{len(hidden)} solutions tagged hide-input, need >= 3"
     assert len(hidden) == len(solutions), "tag every solution cell hide-input"
-    for cell in hidden:
-        assert re.search(r"\bml\.|mlbook", cell.source), (
-            f"a solution does not use mlbook:\n{cell.source[:200]}")
+    # Solutions may also build on helpers defined earlier in the chapter, but at
+    # least three must call the package directly.
+    direct = [c for c in hidden if re.search(r"\bml\.|mlbook", c.source)]
+    assert len(direct) >= 3, f"only {len(direct)} solutions use mlbook, need >= 3"
     rest = cells[references + 1:]
     assert rest and rest[0].cell_type == "markdown"
     assert rest[0].source.strip() == "```{footbibliography}\n```", (

@@ -349,3 +349,32 @@ def test_download_into_a_read_only_folder_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.setattr(omniglot, "_fetch", lambda url, dest: pytest.fail("no fetch"))
     with pytest.raises(omniglot.OmniglotError, match="cannot be downloaded"):
         omniglot.load(root, cache=tmp_path / "cache", progress=False)
+
+
+# -- the reproduction command --------------------------------------------------------
+def test_settings_follow_the_papers():
+    maml = omniglot_repro.settings("maml", 5, 1)
+    assert (maml["inner_lr"], maml["inner_steps"], maml["meta_batch"]) == (0.4, 1, 32)
+    assert maml["iterations"] == 60_000 and maml["headline_steps"] == 10
+    assert omniglot_repro.settings("maml", 20, 1)["inner_lr"] == 0.1
+    assert omniglot_repro.settings("fomaml", 5, 5)["first_order"] is True
+    rep = omniglot_repro.settings("reptile", 5, 1)
+    assert (rep["meta_batch"], rep["iterations"], rep["headline_steps"]) == (5, 100_000,
+                                                                             50)
+    assert omniglot_repro.paper_numbers("reptile", 5, 1) == {
+        "transductive": (97.68, 0.04), "one_query_at_a_time": (95.39, 0.09)}
+
+
+def test_reproduction_command_writes_a_complete_record(tmp_path, root, data):
+    r = omniglot_repro.run("fomaml", 5, 1, iterations=2, meta_batch=2, out=tmp_path,
+                           eval_tasks=3, root=root, progress=False)
+    saved = json.loads((tmp_path / "omniglot-fomaml-5w1s" / "result.json").read_text())
+    assert saved["accuracy"] == r["accuracy"] and 0 <= r["accuracy"] <= 100
+    for key in ("settings", "ci95", "device", "commit", "command", "check", "eval"):
+        assert key in saved
+    assert saved["train"]["iterations"] == 2 and saved["train"]["wall_seconds"] >= 0
+    assert saved["model"] == {"kind": "Conv4", "in_channels": 1, "num_classes": 5,
+                              "hidden": 64, "image_size": 28}
+    assert "--iterations 2 --meta-batch 2 --eval-tasks 3" in saved["command"]
+    assert zoo.build_model(saved["model"]).head.out_features == 5
+    assert "omniglot-fomaml-5w1s" in omniglot_repro.table([saved])
