@@ -5,6 +5,8 @@ Nothing here knows about meta-learning: MAML and Reptile take any module.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 __all__ = ["MLP", "Conv4"]
@@ -22,6 +24,13 @@ class MLP(nn.Sequential):
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         super().__init__(*layers)
+
+    def __getitem__(self, idx):
+        # nn.Sequential rebuilds slices with type(self)(...), which MLP's
+        # signature does not accept: a slice is a plain Sequential of the layers.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 
 class Conv4(nn.Module):

@@ -102,7 +102,11 @@ def sinusoid(
         # Test-time fine-tuning is the same SGD for everyone.
         learner.inner_lr = TEST_LR
         start = time.perf_counter()
-        ev = evaluate(learner, dist, **(EVAL | {"num_tasks": eval_tasks}))
+        # A 1-step meta-learned init can be sharp enough that 10 steps at the
+        # same alpha diverge on a few tasks: count them instead of failing.
+        ev = evaluate(
+            learner, dist, **(EVAL | {"num_tasks": eval_tasks}), allow_diverged=True
+        )
         by_k = {
             k: evaluate(
                 learner,
@@ -112,6 +116,7 @@ def sinusoid(
                 k_support=k,
                 k_query=100,
                 seed=EVAL["seed"],
+                allow_diverged=True,
             ).as_dict()
             for k in (5, 10, 20)
         }
@@ -152,13 +157,18 @@ def sinusoid(
 
 
 def sinusoid_table(results: dict) -> str:
-    """A plain-text table: MSE after 0, 1, 10 steps (mean +- 95% interval)."""
+    """A plain-text table: MSE after 0, 1, 10 steps (mean +- 95% interval);
+    ``[n!]`` marks n test tasks whose adaptation diverged (left out of the mean)."""
     lines = [
-        f"{'method':<11} {'0 steps':>17} {'1 step':>17} {'10 steps':>17} {'train s':>8}"
+        f"{'method':<11} {'0 steps':>21} {'1 step':>21} {'10 steps':>21} {'train s':>8}"
     ]
     for method, r in results.items():
         ev = r["eval"]
-        cells = [f"{m:8.4f} +- {c:.4f}" for m, c in zip(ev["mean"], ev["ci95"])]
+        diverged = ev.get("diverged", [0] * len(ev["mean"]))
+        cells = [
+            f"{m:8.4f} +- {c:.4f}" + (f" [{d}!]" if d else "    ")
+            for m, c, d in zip(ev["mean"], ev["ci95"], diverged)
+        ]
         lines.append(
             f"{method:<11} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} "
             f"{r['train_seconds']:>8.0f}"

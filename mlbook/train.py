@@ -180,7 +180,10 @@ class EvalResult:
     """Metric after each number of adaptation steps over a fixed set of tasks.
 
     ``values[i]`` holds the per-task metric after ``steps[i]`` steps; ``mean``
-    and ``ci95`` summarise it (95% interval: 1.96 standard errors).
+    and ``ci95`` summarise it (95% interval: 1.96 standard errors). Tasks whose
+    adaptation diverged (NaN or infinite metric; only kept when ``evaluate``
+    was called with ``allow_diverged=True``) are left out of both and counted
+    in ``diverged``: always report that count beside the mean.
     """
 
     steps: list
@@ -188,17 +191,28 @@ class EvalResult:
     values: torch.Tensor  # [len(steps), tasks]
 
     @property
+    def diverged(self) -> list:
+        """How many tasks have a NaN or infinite metric, per entry of ``steps``."""
+        return (~torch.isfinite(self.values)).sum(1).tolist()
+
+    def _finite(self, i):
+        row = self.values[i]
+        return row[torch.isfinite(row)]
+
+    @property
     def mean(self) -> list:
-        """Mean metric over the tasks, one value per entry of ``steps``."""
-        return self.values.mean(1).tolist()
+        """Mean metric over the (finite) tasks, one value per entry of ``steps``."""
+        return [self._finite(i).mean().item() for i in range(len(self.steps))]
 
     @property
     def ci95(self) -> list:
         """Half-width of the 95% interval of the mean: 1.96 standard errors."""
-        n = self.values.shape[1]
-        if n < 2:
-            return [float("nan")] * len(self.steps)
-        return (1.96 * self.values.std(1) / math.sqrt(n)).tolist()
+        out = []
+        for i in range(len(self.steps)):
+            v = self._finite(i)
+            n = v.numel()
+            out.append(1.96 * v.std().item() / math.sqrt(n) if n > 1 else float("nan"))
+        return out
 
     def at(self, steps: int) -> tuple[float, float]:
         """(mean, ci95) after ``steps`` steps."""
@@ -206,21 +220,21 @@ class EvalResult:
         return self.mean[i], self.ci95[i]
 
     def as_dict(self) -> dict:
-        """Metric, task count, steps, means and intervals, ready for JSON."""
+        """Metric, task count, steps, means, intervals and diverged counts."""
         return {
             "metric": self.metric,
             "tasks": self.values.shape[1],
             "steps": self.steps,
             "mean": self.mean,
             "ci95": self.ci95,
+            "diverged": self.diverged,
         }
 
     def __str__(self):
         rows = [f"{self.metric} over {self.values.shape[1]} tasks"]
-        rows += [
-            f"  {s:>3} steps: {m:.4f} +- {c:.4f}"
-            for s, m, c in zip(self.steps, self.mean, self.ci95)
-        ]
+        for s, m, c, d in zip(self.steps, self.mean, self.ci95, self.diverged):
+            note = f"  ({d} diverged, left out)" if d else ""
+            rows.append(f"  {s:>3} steps: {m:.4f} +- {c:.4f}{note}")
         return "\n".join(rows)
 
 
@@ -243,13 +257,16 @@ def evaluate(
     metric: str = "loss",
     chunk: int = 100,
     device=None,
+    allow_diverged: bool = False,
 ) -> EvalResult:
     """Adapt to fixed test tasks and report ``metric`` after each of ``steps``.
 
     ``tasks`` is a distribution (then ``num_tasks`` tasks are drawn from a
     generator seeded with ``seed``, ``chunk`` at a time, so every learner sees
     the same tasks) or a ``TaskBatch`` used as it is. Adaptation is SGD with the
-    learner's ``inner_lr``; the model is not modified.
+    learner's ``inner_lr``; the model is not modified. A task whose metric
+    becomes NaN or infinite raises ``FloatingPointError``, unless
+    ``allow_diverged=True``: then it is counted in ``EvalResult.diverged``.
     """
     steps = sorted({_positive("steps", s, int, allow_zero=True) for s in steps})
     if not steps:
@@ -289,10 +306,11 @@ def evaluate(
             columns.append(torch.stack(rows).float().cpu())  # [steps, T]
     values = torch.cat(columns, 1)
     bad = ~torch.isfinite(values).all(1)
-    if bad.any():
+    if bad.any() and not allow_diverged:
         raise FloatingPointError(
             f"evaluate: the {metric} is NaN or infinite after "
             f"{[s for s, b in zip(steps, bad) if b]} steps; the adaptation diverged "
-            f"(inner_lr {learner.inner_lr}) or the tasks hold NaN/inf"
+            f"(inner_lr {learner.inner_lr}) or the tasks hold NaN/inf; pass "
+            "allow_diverged=True to count such tasks instead"
         )
     return EvalResult(steps, metric, values)

@@ -365,7 +365,9 @@ def test_settings_follow_the_papers():
         "transductive": (97.68, 0.04), "one_query_at_a_time": (95.39, 0.09)}
 
 
-def test_reproduction_command_writes_a_complete_record(tmp_path, root, data):
+def test_reproduction_command_writes_a_complete_record(tmp_path, root, data,
+                                                       monkeypatch):
+    monkeypatch.setitem(omniglot_repro.CHECK, "num_tasks", 2)  # keep it quick
     r = omniglot_repro.run("fomaml", 5, 1, iterations=2, meta_batch=2, out=tmp_path,
                            eval_tasks=3, root=root, progress=False)
     saved = json.loads((tmp_path / "omniglot-fomaml-5w1s" / "result.json").read_text())

@@ -178,6 +178,22 @@ def test_evaluate_accuracy_metric_and_errors():
         ml.evaluate(maml, ml.TaskBatch(x, y, x, y), steps=(-1,))
 
 
+def test_evaluate_counts_diverged_tasks_only_when_asked():
+    net = ml.models.MLP(1, (8,), 1)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.01)
+    dist = ml.tasks.Sinusoid()
+    batch = dist.sample(6, 5, 5, generator=torch.Generator().manual_seed(0))
+    batch.x_support[2] = float("nan")  # one poisoned task
+    with pytest.raises(FloatingPointError, match="allow_diverged"):
+        ml.evaluate(maml, batch, steps=(0, 1))
+    ev = ml.evaluate(maml, batch, steps=(0, 1), allow_diverged=True)
+    assert ev.diverged == [0, 1]
+    clean = ml.evaluate(maml, batch.task(0), steps=(1,)).values
+    assert torch.isfinite(ev.values[1, [0, 1, 3, 4, 5]]).all()
+    assert math.isclose(ev.mean[1], ev.values[1, [0, 1, 3, 4, 5]].mean().item())
+    assert clean.shape == (1, 1)
+
+
 def test_zoo_round_trip_and_no_silent_overwrite(tmp_path):
     net = ml.models.MLP(1, (4,), 1)
     record = {
@@ -207,9 +223,10 @@ def test_shipped_sinusoid_checkpoints_load_and_match_their_records(name):
     learner.inner_lr = TEST_LR
     # The record's own protocol: 600 fixed tasks, so the numbers must agree
     # up to float rounding.
-    ev = ml.evaluate(learner, ml.tasks.Sinusoid(), **EVAL)
+    ev = ml.evaluate(learner, ml.tasks.Sinusoid(), **EVAL, allow_diverged=True)
     full = record["results"]["eval"]
     assert full["tasks"] == 600
+    assert ev.diverged == full["diverged"]
     for got, want in zip(ev.mean, full["mean"]):
         assert math.isclose(got, want, rel_tol=1e-3), (got, want)
 
