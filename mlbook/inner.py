@@ -13,6 +13,8 @@ in ``book/03_tasks`` and ``book/04_maml``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,10 +59,11 @@ def _sequential_plan(model: nn.Module):
 
 def _positive(name, value, kind=float, allow_zero=False):
     ok = isinstance(value, (int, float) if kind is float else int)
-    ok = ok and not isinstance(value, bool)
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (value >= 0 if allow_zero else value > 0):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a {kind.__name__} {bound}, got {value!r}")
+        kind_name = "finite number" if kind is float else "int"
+        raise ValueError(f"{name} must be a {kind_name} {bound}, got {value!r}")
     return value
 
 

@@ -79,6 +79,7 @@ def maml():
         (dict(inner_lr=0.0), "inner_lr"),
         (dict(inner_lr=-1.0), "inner_lr"),
         (dict(inner_lr=float("nan")), "inner_lr"),
+        (dict(inner_lr=float("inf")), "inner_lr"),
         (dict(inner_steps=-1), "inner_steps"),
         (dict(inner_steps=1.5), "inner_steps"),
     ],
