@@ -3,6 +3,8 @@
 # torch is installed first and pinned here only: 2.13.0 is the CPU wheel this
 # project is tested with; pyproject.toml keeps a lower bound (Colab brings its own).
 set -euo pipefail
+# .ci/run sets up once before running book.sh and test.sh side by side.
+[ "${MLBOOK_SKIP_SETUP:-}" = 1 ] && exit 0
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
