@@ -106,3 +106,51 @@ def compare_fits(
     ax.set_ylabel("y")
     ax.legend(fontsize=8)
     return ax
+
+
+def mean_curve(
+    steps,
+    mean,
+    ci=None,
+    diverged=None,
+    top=None,
+    ax=None,
+    errorbar: bool = False,
+    label=None,
+    color=None,
+):
+    """A mean metric against adaptation steps, with its 95% interval as a band
+    (or, with ``errorbar=True``, as error bars), from an ``EvalResult``
+    (``ev.steps, ev.mean, ev.ci95, ev.diverged``) or a record's ``eval``
+    entry. Tasks whose loss became NaN or infinite are left out of the mean;
+    a step where ``n`` of them were left out is labelled "n div.". A mean above
+    ``top`` (one task whose adaptation is blowing up can dominate a mean while
+    its loss is still finite) is drawn as a triangle at ``top``, and the
+    y-axis ends there. Introduced in ``book/02_meta_vs_transfer``."""
+    import math
+
+    ax = ax or plt.gca()
+    steps = list(steps)
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    ci = torch.zeros_like(mean) if ci is None else torch.as_tensor(ci).double()
+    over = mean > (math.inf if top is None else top)
+    shown = mean.masked_fill(over, math.nan)  # a gap where the mean is off the scale
+    if errorbar:
+        bars = ax.errorbar(steps, shown, yerr=ci.masked_fill(over, math.nan), fmt="o",
+                           ms=3, capsize=2, color=color, label=label)
+        color = bars[0].get_color()
+    else:
+        (line,) = ax.plot(steps, shown, marker="o", ms=3, color=color, label=label)
+        color = line.get_color()
+        ax.fill_between(steps, shown - ci, shown + ci, color=color, alpha=0.2)
+    if over.any():
+        xs = [s for s, o in zip(steps, over.tolist()) if o]
+        ax.plot(xs, [top] * len(xs), "^", ms=8, color=color, clip_on=False)
+        low = ax.get_ylim()[0]
+        ax.set_ylim(low, top)
+    for s, m, d in zip(steps, mean.tolist(), diverged or []):
+        if d:
+            y = top if top is not None and m > top else m
+            ax.annotate(f"{d} div.", (s, y), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=7, color=color)
+    return ax
