@@ -182,7 +182,7 @@ class InnerLoop:
         # One host sync per call; turn off with check_finite=False for speed.
         if self.check_finite and not bool(torch.isfinite(loss).all()):
             raise FloatingPointError(
-                f"{what} is {loss.detach().flatten()[0].item()}: the inner loop "
+                f"{what} is not finite: the inner loop "
                 "diverged or the data hold NaN/inf; try a smaller inner_lr "
                 f"(now {self.inner_lr})"
             )
@@ -266,10 +266,7 @@ class InnerLoop:
         """
         # theta' = theta - alpha * grad L_support(theta). In first-order mode
         # the gradient carries no graph, so d theta'/d theta = I.
-        # (torch.add with alpha: one op per tensor instead of a mul and a sub)
-        return {
-            k: torch.add(p, grads[k], alpha=-self.inner_lr) for k, p in params.items()
-        }
+        return {k: p - self.inner_lr * grads[k] for k, p in params.items()}
 
     def adapt(
         self,

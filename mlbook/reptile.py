@@ -69,7 +69,10 @@ class Reptile(InnerLoop):
         with torch.no_grad():  # torch.func.grad still differentiates inside
             theta = {k: p.detach() for k, p in self.params().items()}
             phi = self.adapt(batch.x_support, batch.y_support, params=theta)  # [T, ...]
-            loss = self._finite(self.task_losses(phi, x, y).mean(), "Reptile loss")
+            # Every task must be finite: one diverged task would drag theta
+            # off through the mean of phi while the mean loss still looked fine.
+            losses = self._finite(self.task_losses(phi, x, y), "Reptile loss")  # [T]
+            loss = losses.mean()
             for name, p in self.model.named_parameters():
                 # theta - mean_T phi_T is the Reptile "gradient"
                 direction = p - phi[name].mean(0)
