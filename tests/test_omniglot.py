@@ -316,7 +316,7 @@ def test_interrupted_cache_is_not_used(tmp_path, data):
 
 # -- shipped checkpoints ---------------------------------------------------------
 SHIPPED = [n for n in zoo.available() if n.startswith("omniglot-")]
-TOLERANCE = 0.03  # accuracy, on the record's 50 fixed check tasks (float noise only)
+TOLERANCE = 0.05  # accuracy on the record's 20 fixed check tasks (float noise only)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -331,7 +331,7 @@ def test_shipped_checkpoint_reaches_its_recorded_accuracy(name, data):
                                        num_tasks=record["check"]["num_tasks"],
                                        seed=record["check"]["seed"])
     assert abs(check["accuracy"] - record["check"]["accuracy"]) <= TOLERANCE
-    # the 50-task estimate agrees with the 600-task number, and beats chance
+    # the 20-task estimate agrees with the 600-task number, and beats chance
     assert abs(100 * check["accuracy"] - record["accuracy"]) < 12
     assert check["accuracy"] > 1 / s["way"] + 0.3
 
