@@ -35,6 +35,8 @@ SINUSOID = {
     "reptile": dict(cls=Reptile, inner_lr=0.02, inner_steps=5, outer_lr=0.1),
     "pretrained": dict(cls=Pretrained, inner_lr=0.01, inner_steps=1),
 }
+# The paper's meta-training batch: 25 tasks of K = 10 (+ 10 query), Adam 1e-3.
+TRAIN = dict(num_tasks=25, k_support=10, k_query=10, outer_lr=1e-3)
 EVAL = dict(steps=(0, 1, 10), num_tasks=600, k_support=10, k_query=100, seed=12345)
 TEST_LR = 0.01  # every method is fine-tuned at test time with SGD, alpha = 0.01
 
@@ -90,10 +92,7 @@ def sinusoid(
             learner,
             dist,
             iterations,
-            num_tasks=25,
-            k_support=10,
-            k_query=10,
-            outer_lr=1e-3,
+            **TRAIN,
             seed=seed,
             device=device,
             checkpoint=out / f"{method}.pt",
@@ -134,14 +133,7 @@ def sinusoid(
                 name=f"sinusoid-{method}",
                 model=dict(kind="MLP", in_features=1, hidden=[40, 40], out_features=1),
                 settings={k: v for k, v in SINUSOID[method].items() if k != "cls"},
-                train=dict(
-                    iterations=iterations,
-                    num_tasks=25,
-                    k_support=10,
-                    k_query=10,
-                    outer_lr=1e-3,
-                    seed=seed,
-                ),
+                train=dict(TRAIN, iterations=iterations, seed=seed),
                 test_lr=TEST_LR,
                 eval_protocol=dict(EVAL, steps=list(EVAL["steps"]), test_lr=TEST_LR),
                 results=results[method],
