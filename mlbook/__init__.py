@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # plots and widgets pull in matplotlib and ipywidgets: load them on first use.
-    if name in ("plots", "widgets"):
+    # These pull in matplotlib, ipywidgets, PIL or the Omniglot tooling: load
+    # them on first use, so `import mlbook` stays light.
+    if name in ("plots", "widgets", "fewshot", "data", "omniglot_repro"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -39,4 +40,6 @@ __all__ = [
     "zoo",
     "plots",
     "widgets",
+    "fewshot",
+    "data",
 ]
