@@ -65,37 +65,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, method):
 
 def test_existing_checkpoint_is_never_overwritten(tmp_path):
     ckpt = tmp_path / "run.pt"
-    ml.meta_train(
-        fresh(),
-        ml.tasks.Sinusoid(),
-        3,
-        num_tasks=2,
-        device="cpu",
-        checkpoint=ckpt,
-        progress=False,
-    )
+
+    def train(iterations, **kwargs):
+        args = dict(num_tasks=2, device="cpu", checkpoint=ckpt, progress=False)
+        return ml.meta_train(fresh(), ml.tasks.Sinusoid(), iterations, **args | kwargs)
+
+    train(3)
     before = ckpt.read_bytes()
     with pytest.raises(FileExistsError, match="resume=True"):
-        ml.meta_train(
-            fresh(),
-            ml.tasks.Sinusoid(),
-            5,
-            num_tasks=2,
-            device="cpu",
-            checkpoint=ckpt,
-            resume=False,
-            progress=False,
-        )
+        train(5, resume=False)
     with pytest.raises(ValueError, match="made with"):
-        ml.meta_train(
-            fresh(),
-            ml.tasks.Sinusoid(),
-            5,
-            num_tasks=3,
-            device="cpu",
-            checkpoint=ckpt,
-            progress=False,
-        )
+        train(5, num_tasks=3)
     assert ckpt.read_bytes() == before
 
 
