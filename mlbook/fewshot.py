@@ -206,7 +206,7 @@ def evaluate_protocols(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
         return functional_call(model, (params, buffers), (x,))[-1]  # [n_way]
 
     trans, single, seen = [], [], 0
-    with torch.no_grad():  # torch.func.grad still works inside no_grad
+    with torch.no_grad():  # adapt() turns autograd on for its own steps
         for n in sizes:
             batch = tasks.sample(n, k_support, k_query, generator=generator,
                                  device=device)

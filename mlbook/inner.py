@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .tasks import TaskBatch
+
 __all__ = ["InnerLoop"]
 
 # How many dims one example has, read off the first layer that fixes it.
@@ -177,6 +179,18 @@ class InnerLoop:
         if x.shape[lead - 1] == 0 and not allow_empty:
             raise ValueError(f"{xname} is empty: a task needs at least one point")
         return batched
+
+    def _check_batch(self, batch, what: str):
+        """``batch`` must be a TaskBatch whose support set is a batch of tasks."""
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
+        if not self._check_pair(
+            batch.x_support, batch.y_support, "x_support", "y_support"
+        ):
+            raise ValueError(
+                f"{what} needs x_support as a batch [T, K, ...], got one "
+                f"task {tuple(batch.x_support.shape)}; use batch.task(i)"
+            )
 
     def _finite(self, loss: torch.Tensor, what: str) -> torch.Tensor:
         # One host sync per call; turn off with check_finite=False for speed.

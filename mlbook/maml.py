@@ -39,15 +39,7 @@ class MAML(InnerLoop):
         All tasks run at once (``vmap`` over the task dim). With
         ``reduce=False`` the per-task losses ``[T]`` are returned.
         """
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
-        if not self._check_pair(
-            batch.x_support, batch.y_support, "x_support", "y_support"
-        ):
-            raise ValueError(
-                f"meta_loss needs x_support as a batch [T, K, ...], got one "
-                f"task {tuple(batch.x_support.shape)}; use batch.task(i)"
-            )
+        self._check_batch(batch, "meta_loss")
         self._check_pair(batch.x_query, batch.y_query, "x_query", "y_query")
         if batch.x_query.shape[1] == 0:
             raise ValueError("x_query is empty: the meta-loss is taken on query points")

@@ -51,22 +51,14 @@ class Reptile(InnerLoop):
     def meta_step(self, batch: TaskBatch, optimizer=None) -> float:
         """One Reptile update from a batch of tasks; returns the mean query loss
         of the adapted weights (the support loss when there are no query points)."""
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
-        if not self._check_pair(
-            batch.x_support, batch.y_support, "x_support", "y_support"
-        ):
-            raise ValueError(
-                f"meta_step needs x_support as a batch [T, K, ...], got one "
-                f"task {tuple(batch.x_support.shape)}; use batch.task(i)"
-            )
+        self._check_batch(batch, "meta_step")
         has_query = batch.x_query.shape[1] > 0
         x, y = (
             (batch.x_query, batch.y_query)
             if has_query
             else (batch.x_support, batch.y_support)
         )
-        with torch.no_grad():  # torch.func.grad still differentiates inside
+        with torch.no_grad():  # adapt() turns autograd on for its own steps
             theta = {k: p.detach() for k, p in self.params().items()}
             phi = self.adapt(batch.x_support, batch.y_support, params=theta)  # [T, ...]
             # Every task must be finite: one diverged task would drag theta

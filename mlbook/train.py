@@ -290,7 +290,7 @@ def evaluate(
     else:
         raise TypeError("tasks must be a TaskBatch or have sample(...)")
     columns = []
-    with torch.no_grad():  # torch.func.grad still works inside no_grad
+    with torch.no_grad():  # adapt() turns autograd on for its own steps
         for batch in batches:
             fast, done, rows = None, 0, []
             for s in steps:
