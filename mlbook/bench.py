@@ -1,13 +1,27 @@
 """Speed benchmark: ``python -m mlbook bench``.
 
-Times one MAML meta-step (second order, one inner SGD step, Adam outer step)
-for mlbook against baselines written here, in the same process, on the same
-data: a plain per-task autograd loop, a plain ``torch.func`` vmap step, and
-``higher`` when it is installed. Two workloads: the sinusoid (MLP 1-40-40-1,
-meta-batch 25, K = 10) and Omniglot-shaped 5-way 1-shot episodes for Conv4
-(random images of the right shape: speed does not depend on the pixels).
-Variants run in interleaved rounds and the median round is reported, so a
-busy machine slows all of them alike. Prints a table and writes JSON.
+Times one meta-iteration (inner steps, outer gradient, outer update) of mlbook
+against baselines written here, in one process, on the same data: a plain
+per-task autograd loop, a plain ``torch.func`` vmap step (grad inside vmap),
+``higher`` when it is installed, and on CUDA each of mlbook and vmap again
+with the whole step captured in a CUDA graph (``mlbook.graph``).
+
+Workloads (``--workloads``):
+
+* ``sinusoid``: MAML, MLP 1-40-40-1, meta-batch 25, K = 10, one inner step;
+* ``conv4``: MAML on Omniglot-shaped 5-way 1-shot episodes, Conv4, one inner
+  step at 0.4, meta-batch 32 (8 on the CPU), 5 query images per class;
+* ``conv4-20w``: MAML 20-way 1-shot, five inner steps at 0.1, meta-batch 16;
+* ``conv4-fo``: first-order MAML, otherwise ``conv4``;
+* ``conv4-reptile``: Reptile 5-way, 10 images per class, five inner steps at
+  0.1, meta-batch 5 (the Reptile paper's Omniglot shape).
+
+Images are random (speed does not depend on the pixels). Variants run in
+interleaved rounds and the median round is reported, so a busy machine slows
+all of them alike. Before timing, every variant's first update is compared
+with the per-task loop run in float64 on the same data and device:
+``rel err`` is ||update - reference|| / ||reference|| (the meta-gradient for
+MAML, the parameter change for Reptile). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from .graph import GraphedStep
 from .maml import MAML
 from .models import MLP, Conv4
+from .reptile import Reptile
 from .tasks import Sinusoid, TaskBatch
 
 
@@ -34,210 +50,344 @@ def _sync(device):
 
 
 # -- baselines, written independently of mlbook -----------------------------
-def loop_step(model, loss_fn, batch, alpha, opt):
-    """One task at a time: autograd.grad with create_graph, then the query loss."""
+def loop_step(w, model, batch, opt):
+    """One task at a time with plain autograd (create_graph for second order)."""
     params = dict(model.named_parameters())
+    if w["method"] == "reptile":
+        return _loop_reptile(w, model, batch)
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for t in range(batch.num_tasks):
-        out = functional_call(model, params, (batch.x_support[t],))
-        loss = loss_fn(out, batch.y_support[t])
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        fast = {k: p - alpha * g for (k, p), g in zip(params.items(), grads)}
+        fast = params
+        for _ in range(w["steps"]):
+            out = functional_call(model, fast, (batch.x_support[t],))
+            loss = w["loss"](out, batch.y_support[t])
+            grads = torch.autograd.grad(
+                loss, list(fast.values()), create_graph=w["method"] == "maml"
+            )
+            fast = {k: p - w["alpha"] * g for (k, p), g in zip(fast.items(), grads)}
         out = functional_call(model, fast, (batch.x_query[t],))
-        total = total + loss_fn(out, batch.y_query[t])
-    (total / batch.num_tasks).backward()
+        total = total + w["loss"](out, batch.y_query[t])
+    loss = total / batch.num_tasks
+    loss.backward()
     opt.step()
+    return loss.detach()
 
 
-def vmap_step(model, loss_fn, batch, alpha, opt):
+def _loop_reptile(w, model, batch):
+    params = dict(model.named_parameters())
+    moved = {k: torch.zeros_like(p) for k, p in params.items()}
+    total = 0.0
+    for t in range(batch.num_tasks):
+        fast = {k: p.detach().requires_grad_() for k, p in params.items()}
+        for _ in range(w["steps"]):
+            out = functional_call(model, fast, (batch.x_support[t],))
+            loss = w["loss"](out, batch.y_support[t])
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {
+                k: (p - w["alpha"] * g).detach().requires_grad_()
+                for (k, p), g in zip(fast.items(), grads)
+            }
+        with torch.no_grad():
+            total = total + w["loss"](
+                functional_call(model, fast, (batch.x_support[t],)), batch.y_support[t]
+            )
+            for k in moved:
+                moved[k] += fast[k] / batch.num_tasks
+    with torch.no_grad():
+        for k, p in params.items():  # theta += eps (mean phi - theta)
+            p.add_(w["outer_lr"] * (moved[k] - p))
+    return total / batch.num_tasks
+
+
+def vmap_step(w, model, batch, opt):
     """The textbook torch.func version: grad inside vmap over tasks."""
     params = dict(model.named_parameters())
 
     def loss(p, x, y):
-        return loss_fn(functional_call(model, p, (x,)), y)
+        return w["loss"](functional_call(model, p, (x,)), y)
 
     def task(p, xs, ys, xq, yq):
-        g = grad(loss)(p, xs, ys)
-        return loss({k: p[k] - alpha * g[k] for k in p}, xq, yq)
+        for _ in range(w["steps"]):
+            g = grad(loss)(p, xs, ys)
+            p = {k: p[k] - w["alpha"] * g[k] for k in p}
+        return loss(p, xq, yq)
 
     opt.zero_grad(set_to_none=True)
     losses = vmap(task, in_dims=(None, 0, 0, 0, 0))(
         params, batch.x_support, batch.y_support, batch.x_query, batch.y_query
     )
-    losses.mean().backward()
+    out = losses.mean()
+    out.backward()
     opt.step()
+    return out.detach()
 
 
-def higher_step(model, loss_fn, batch, alpha, opt):  # pragma: no cover - optional
+def higher_step(w, model, batch, opt):  # pragma: no cover - optional
     import higher
 
-    inner = torch.optim.SGD(model.parameters(), lr=alpha)
+    inner = torch.optim.SGD(model.parameters(), lr=w["alpha"])
     opt.zero_grad(set_to_none=True)
+    total = 0.0
     for t in range(batch.num_tasks):
         with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (f, d):
-            d.step(loss_fn(f(batch.x_support[t]), batch.y_support[t]))
-            (
-                loss_fn(f(batch.x_query[t]), batch.y_query[t]) / batch.num_tasks
-            ).backward()
+            for _ in range(w["steps"]):
+                d.step(w["loss"](f(batch.x_support[t]), batch.y_support[t]))
+            loss = w["loss"](f(batch.x_query[t]), batch.y_query[t]) / batch.num_tasks
+            loss.backward()
+            total = total + loss.detach()
     opt.step()
+    return total
 
 
 # -- workloads ------------------------------------------------------------------
-def sinusoid_workload(device, num_tasks=25):
-    batch = Sinusoid().sample(
-        num_tasks, 10, 10, generator=torch.Generator().manual_seed(0)
-    )
-    return "sinusoid", lambda: MLP(1, (40, 40), 1), F.mse_loss, 0.01, batch.to(device)
-
-
-def conv4_workload(device, num_tasks=32, n_way=5, k_shot=1, k_query=5):
-    g = torch.Generator().manual_seed(0)
+def _episodes(num_tasks, n_way, k_shot, k_query, seed=0):
+    g = torch.Generator().manual_seed(seed)
     xs = torch.rand(num_tasks, n_way * k_shot, 1, 28, 28, generator=g)
     xq = torch.rand(num_tasks, n_way * k_query, 1, 28, 28, generator=g)
     ys = torch.arange(n_way).repeat_interleave(k_shot).expand(num_tasks, -1)
     yq = torch.arange(n_way).repeat_interleave(k_query).expand(num_tasks, -1)
-    batch = TaskBatch(xs, ys.contiguous(), xq, yq.contiguous()).to(device)
-    name = f"conv4-{n_way}w{k_shot}s"
-    return name, lambda: Conv4(1, n_way), F.cross_entropy, 0.4, batch
+    return TaskBatch(xs, ys.contiguous(), xq, yq.contiguous())
 
 
-def variants(loss_fn, alpha):
-    def mlbook_step(model, loss_fn, batch, alpha, opt):
-        MAML(model, loss_fn, inner_lr=alpha, inner_steps=1).meta_step(batch, opt)
+def workload(name: str, device) -> dict:
+    """The settings and one fixed batch of a named workload."""
+    cuda = device.type == "cuda"
+    if name == "sinusoid":
+        batch = Sinusoid().sample(25, 10, 10, generator=torch.Generator().manual_seed(0))
+        w = dict(make=lambda: MLP(1, (40, 40), 1), loss=F.mse_loss, alpha=0.01,
+                 steps=1, method="maml", batch=batch)
+    elif name in ("conv4", "conv4-fo"):
+        w = dict(make=lambda: Conv4(1, 5), loss=F.cross_entropy, alpha=0.4, steps=1,
+                 method="fomaml" if name == "conv4-fo" else "maml",
+                 batch=_episodes(32 if cuda else 8, 5, 1, 5))
+    elif name == "conv4-20w":
+        w = dict(make=lambda: Conv4(1, 20), loss=F.cross_entropy, alpha=0.1, steps=5,
+                 method="maml", batch=_episodes(16 if cuda else 4, 20, 1, 1))
+    elif name == "conv4-reptile":
+        w = dict(make=lambda: Conv4(1, 5), loss=F.cross_entropy, alpha=0.1, steps=5,
+                 method="reptile", outer_lr=1.0, batch=_episodes(5, 5, 10, 0))
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    w["name"] = name
+    w["batch"] = w["batch"].to(device)
+    return w
 
-    out = {
-        "mlbook": mlbook_step,
-        "torch.func vmap": vmap_step,
-        "per-task loop": loop_step,
-    }
-    try:
-        import higher  # noqa: F401
 
-        out["higher"] = higher_step
-    except ImportError:
-        pass
+class _Baseline:
+    """A baseline step in the shape ``GraphedStep`` captures."""
+
+    check_finite = False
+
+    def __init__(self, fn, w, model):
+        self.fn, self.w, self.model = fn, w, model
+
+    def step(self, batch, opt):
+        return self.fn(self.w, self.model, batch, opt)
+
+
+def _learner(w, model, conv_impl="grouped"):
+    if w["method"] == "reptile":
+        return Reptile(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
+                       outer_lr=w["outer_lr"], check_finite=False, conv_impl=conv_impl)
+    return MAML(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
+                first_order=w["method"] == "fomaml", check_finite=False,
+                conv_impl=conv_impl)
+
+
+def variants(w, device) -> dict:
+    """label -> (make_stepper(model), graphed?). A stepper has ``step(batch, opt)``."""
+    conv = w["name"].startswith("conv4")
+    out = {"mlbook": (lambda m: _learner(w, m), False)}
+    if conv:
+        out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
+    if w["method"] == "maml":
+        out["torch.func vmap"] = (lambda m: _Baseline(vmap_step, w, m), False)
+    out["per-task loop"] = (lambda m: _Baseline(loop_step, w, m), False)
+    if w["method"] == "maml":
+        try:
+            import higher  # noqa: F401
+
+            out["higher"] = (lambda m: _Baseline(higher_step, w, m), False)
+        except ImportError:
+            pass
+    if device.type == "cuda":
+        out["mlbook + graph"] = (lambda m: _learner(w, m), True)
+        if conv:
+            out["mlbook bmm + graph"] = (lambda m: _learner(w, m, "bmm"), True)
+        if w["method"] == "maml":
+            out["vmap + graph"] = (lambda m: _Baseline(vmap_step, w, m), True)
     return out
 
 
-def run_workload(workload, device, rounds, steps_per_round, skip=()):
-    name, make_model, loss_fn, alpha, batch = workload
-    setups = {}
-    for label, fn in variants(loss_fn, alpha).items():
-        if label in skip:
+def _setup(w, make_stepper, graphed, device, dtype=torch.float32, batch=None):
+    torch.manual_seed(0)
+    model = w["make"]().to(device=device, dtype=dtype)
+    stepper = make_stepper(model)
+    opt = (
+        None
+        if w["method"] == "reptile"
+        else torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphed)
+    )
+    batch = w["batch"] if batch is None else batch
+    if graphed:
+        g = GraphedStep(stepper, opt, batch)
+        return model, (lambda b: g(b))
+    return model, (lambda b: stepper.step(b, opt))
+
+
+def _update(w, model, run, batch):
+    """The first update's direction: meta-gradient, or Reptile's weight change."""
+    before = [p.detach().clone() for p in model.parameters()]
+    run(batch)
+    if w["method"] == "reptile":
+        vec = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    else:
+        vec = [p.grad for p in model.parameters()]
+    return torch.cat([v.double().flatten() for v in vec])
+
+
+def accuracy(w, device, labels) -> dict:
+    """Relative error of each variant's first update vs the float64 loop."""
+    vs = variants(w, device)
+    b = w["batch"]
+    b64 = TaskBatch(
+        b.x_support.double(), b.y_support, b.x_query.double(), b.y_query
+    )
+    if w["name"] == "sinusoid":
+        b64 = TaskBatch(*(t.double() for t in (b.x_support, b.y_support,
+                                               b.x_query, b.y_query)))
+    model, run = _setup(w, vs["per-task loop"][0], False, device, torch.float64, b64)
+    ref = _update(w, model, run, b64)
+    errors = {}
+    for label in labels:
+        make, graphed = vs[label]
+        try:
+            model, run = _setup(w, make, graphed, device)
+            got = _update(w, model, run, b)
+        except Exception as e:  # noqa: BLE001 - reported, and the variant dropped
+            errors[label] = e
             continue
-        torch.manual_seed(0)
-        model = make_model().to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        setups[label] = (fn, model, opt)
-    times = {label: [] for label in setups}
-    memory = {}
-    for label, (fn, model, opt) in setups.items():  # warm-up and peak memory
+        errors[label] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
+def run_workload(w, device, rounds, round_seconds=0.25, skip=()):
+    vs = {k: v for k, v in variants(w, device).items() if k not in skip}
+    errors = accuracy(w, device, list(vs))
+    for label, e in list(errors.items()):
+        if isinstance(e, Exception):
+            print(f"{w['name']}: {label} failed and is left out: "
+                  f"{type(e).__name__}: {e}", flush=True)
+            del vs[label], errors[label]
+    batch = w["batch"]
+    setups, memory, per_round = {}, {}, {}
+    for label, (make, graphed) in vs.items():  # warm-up, peak memory, round size
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        _, run = _setup(w, make, graphed, device)
         for _ in range(3):
-            fn(model, loss_fn, batch, alpha, opt)
+            run(batch)
         _sync(device)
+        start = time.perf_counter()
+        run(batch)
+        _sync(device)
+        one = time.perf_counter() - start
+        per_round[label] = max(1, min(200, int(round_seconds / max(one, 1e-6))))
         if device.type == "cuda":
-            memory[label] = torch.cuda.max_memory_allocated(device) / 2**20
+            memory[label] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        setups[label] = run
+    times = {label: [] for label in setups}
     for _ in range(rounds):
-        for label, (fn, model, opt) in setups.items():
+        for label, run in setups.items():
+            n = per_round[label]
             _sync(device)
             start = time.perf_counter()
-            for _ in range(steps_per_round):
-                fn(model, loss_fn, batch, alpha, opt)
+            for _ in range(n):
+                run(batch)
             _sync(device)
-            times[label].append((time.perf_counter() - start) / steps_per_round)
+            times[label].append((time.perf_counter() - start) / n)
+    base = statistics.median(times["per-task loop"]) if "per-task loop" in times else None
     rows = []
-    base = (
-        statistics.median(times["per-task loop"]) if "per-task loop" in times else None
-    )
     for label, ts in times.items():
         sec = statistics.median(ts)
-        rows.append(
-            dict(
-                workload=name,
-                variant=label,
-                ms_per_step=1e3 * sec,
-                steps_per_s=1 / sec,
-                tasks_per_s=batch.num_tasks / sec,
-                speedup_vs_loop=(base / sec) if base else None,
-                peak_mib=memory.get(label),
-                rounds=rounds,
-                steps_per_round=steps_per_round,
-                num_tasks=batch.num_tasks,
-            )
-        )
+        rows.append(dict(
+            workload=w["name"], method=w["method"], variant=label,
+            ms_per_step=1e3 * sec, steps_per_s=1 / sec,
+            tasks_per_s=batch.num_tasks / sec,
+            speedup_vs_loop=(base / sec) if base else None,
+            peak_mib=memory.get(label), rel_err_vs_float64=errors[label],
+            rounds=rounds, steps_per_round=per_round[label],
+            num_tasks=batch.num_tasks, inner_steps=w["steps"],
+        ))
     return rows
 
 
 def format_rows(rows) -> str:
-    head = (
-        f"{'workload':<14} {'variant':<16} {'ms/step':>9} {'steps/s':>9} "
-        f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9}"
-    )
+    head = (f"{'workload':<14} {'variant':<19} {'ms/step':>9} {'steps/s':>9} "
+            f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9} {'rel err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r['speedup_vs_loop']:.1f}" if r["speedup_vs_loop"] else "-"
         mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         lines.append(
-            f"{r['workload']:<14} {r['variant']:<16} {r['ms_per_step']:>9.2f} "
+            f"{r['workload']:<14} {r['variant']:<19} {r['ms_per_step']:>9.2f} "
             f"{r['steps_per_s']:>9.1f} {r['tasks_per_s']:>9.0f} {speed:>7} "
-            f"{mem:>9}"
+            f"{mem:>9} {r['rel_err_vs_float64']:>8.1e}"
         )
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m mlbook bench",
-        description=__doc__,
+        prog="python -m mlbook bench", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--device", default=None, help="cpu or cuda (default: cuda if present)"
-    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--workloads", default="sinusoid,conv4")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated (default: sinusoid,conv4 on the CPU; all "
+                   "five on CUDA)")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument(
-        "--conv-tasks",
-        type=int,
-        default=None,
-        help="Conv4 meta-batch (default 32 on GPU, 8 on CPU)",
-    )
+    p.add_argument("--round-seconds", type=float, default=0.25,
+                   help="about how long one round of one variant runs")
+    p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    p.add_argument("--tf32", action="store_true",
+                   help="let float32 matrix products use TF32 (convolutions on "
+                   "CUDA use it by default in PyTorch)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)
-    device = torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no GPU is visible")
     torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     cuda = device.type == "cuda"
+    names = (args.workloads or ("sinusoid,conv4,conv4-20w,conv4-fo,conv4-reptile"
+                                if cuda else "sinusoid,conv4")).split(",")
+    skip = tuple(s for s in args.skip.split(",") if s)
     rows = []
-    for w in args.workloads.split(","):
-        if w == "sinusoid":
-            rows += run_workload(
-                sinusoid_workload(device), device, args.rounds, 50 if cuda else 20
-            )
-        elif w == "conv4":
-            tasks = args.conv_tasks or (32 if cuda else 8)
-            rows += run_workload(
-                conv4_workload(device, tasks), device, args.rounds, 10 if cuda else 1
-            )
-        else:
-            p.error(f"unknown workload {w!r}")
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    print(
-        f"device: {device} ({name}); torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}"
-    )
+    for name in names:
+        try:
+            w = workload(name, device)
+        except ValueError as e:
+            p.error(str(e))
+        rows += run_workload(w, device, args.rounds, args.round_seconds, skip)
+        print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
+    dev = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    print(f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
+          f"threads {torch.get_num_threads()}; TF32 matmul "
+          f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
+          f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}")
     print(format_rows(rows))
     record = dict(
-        device=str(device),
-        device_name=name,
-        torch=torch.__version__,
+        device=str(device), device_name=dev, torch=torch.__version__,
         threads=torch.get_num_threads(),
-        rows=rows,
+        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        tf32_conv=torch.backends.cudnn.allow_tf32 if cuda else None, rows=rows,
     )
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"(written to {args.out})")

@@ -59,6 +59,33 @@ def _sequential_plan(model: nn.Module):
     return plan
 
 
+def _conv_plan(model: nn.Module):
+    """For ``mlbook.models.Conv4`` (conv -> batch norm -> ReLU -> max-pool
+    blocks, then a linear head), the layer list of the hand-batched forward;
+    None for any other model."""
+    from .models import Conv4  # models imports nothing from here
+
+    if type(model) is not Conv4:
+        return None
+    plan = []
+    for name, layer in model.features.named_children():
+        name = f"features.{name}"
+        if (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
+                and isinstance(layer.padding, tuple)):
+            plan.append(("conv", name, layer))
+        elif type(layer) is nn.BatchNorm2d and not layer.track_running_stats:
+            plan.append(("norm", name, layer))
+        elif type(layer) is nn.MaxPool2d:
+            plan.append(("pool", name, layer))
+        elif type(layer) in _ELEMENTWISE:
+            plan.append(("act", name, layer))
+        else:
+            return None
+    if type(model.head) is not nn.Linear:
+        return None
+    return plan + [("head", "head", model.head)]
+
+
 def _positive(name, value, kind=float, allow_zero=False):
     ok = isinstance(value, (int, float) if kind is float else int)
     ok = ok and not isinstance(value, bool) and math.isfinite(value)
@@ -83,6 +110,12 @@ class InnerLoop:
     ``example_dims`` is how many dims one input example has (1 for vectors,
     3 for images ``[C, H, W]``); it is read off the model's first Linear/Conv
     layer when not given, and tells ``[K, ...]`` (one task) from ``[T, K, ...]``.
+
+    Batches of tasks run as one forward pass: a plain MLP as one ``baddbmm``
+    per layer, ``mlbook.models.Conv4`` with the tasks' channels side by side
+    (``conv_impl="grouped"``: one grouped convolution per layer; ``"bmm"``:
+    unfold + batched matmul), any other module under ``torch.func.vmap``.
+    ``check_finite=False`` skips the host-side NaN check (one sync per call).
     """
 
     def __init__(
@@ -94,6 +127,7 @@ class InnerLoop:
         first_order: bool = False,
         example_dims: int | None = None,
         check_finite: bool = True,
+        conv_impl: str = "grouped",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -115,6 +149,12 @@ class InnerLoop:
         # A plain MLP gets a hand-batched forward (one bmm per layer): same
         # numbers as vmap, a fraction of its per-call overhead on tiny models.
         self._plan = _sequential_plan(model)
+        # Conv4 gets one too: the tasks' channels side by side, so each layer
+        # is one grouped convolution (or one bmm) and one batch norm.
+        self._conv_plan = _conv_plan(model)
+        if conv_impl not in ("grouped", "bmm"):
+            raise ValueError(f"conv_impl must be 'grouped' or 'bmm', got {conv_impl!r}")
+        self.conv_impl = conv_impl  # how Conv4's convolutions are batched
         self._norms = None
 
     # -- parameters -----------------------------------------------------------
@@ -220,8 +260,79 @@ class InnerLoop:
                 else:
                     h = step(h)
             return h  # [T, K, out]
+        if self._conv_plan is not None and params_batched:
+            return self._conv_forward(params, x)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
         return vmap(call, in_dims=(0 if params_batched else None, 0))(params, x)
+
+    def _conv_forward(self, params, x):
+        """Conv4 on a batch of tasks ``x: [T, N, C, H, W]`` with per-task
+        weights ``[T, ...]``, without vmap: activations are laid out as
+        ``[N, T*C, H, W]`` (task t owns channels t*C .. t*C+C-1), so
+
+        * conv: one convolution with ``groups=T`` (task t's filters see only
+          its own channels), or an unfold + ``bmm`` (``conv_impl="bmm"``);
+        * batch norm: statistics per channel over (N, H, W), which is per task
+          per channel: exactly what the per-task module computes;
+        * ReLU and max-pool act per channel anyway.
+
+        Same function as the module under vmap (tests/test_maml.py checks it
+        in float64); fewer, larger kernels.
+        """
+        t, n = x.shape[:2]
+        h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
+        for kind, name, layer in self._conv_plan:
+            if kind == "conv":
+                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+                h = self._conv(h, w, b, layer, t)
+            elif kind == "norm":
+                g, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+                h = F.batch_norm(
+                    h, None, None,
+                    None if g is None else g.reshape(-1),
+                    None if b is None else b.reshape(-1),
+                    training=True, eps=layer.eps,
+                )
+            elif kind == "pool":
+                h = F.max_pool2d(
+                    h, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, layer.ceil_mode,
+                )
+            elif kind == "act":
+                h = layer(h)
+            else:  # head: flatten each task's features, then x W^T + b per task
+                h = h.reshape(n, t, -1).transpose(0, 1)  # [T, N, features]
+                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+                h = (
+                    torch.bmm(h, w.transpose(1, 2))
+                    if b is None
+                    else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                )
+        return h  # [T, N, classes]
+
+    def _conv(self, h, w, b, layer, t):
+        """Task t's filters ``w[t]`` on task t's channels of ``h``."""
+        if self.conv_impl == "grouped":
+            return F.conv2d(
+                h, w.reshape(-1, *w.shape[2:]),
+                None if b is None else b.reshape(-1),
+                layer.stride, layer.padding, layer.dilation, groups=t,
+            )
+        # unfold + bmm: patches [T, C*k*k, N*L] times filters [T, C_out, C*k*k]
+        n, _, height, width = h.shape
+        k, pad, stride, dil = (
+            layer.kernel_size, layer.padding, layer.stride, layer.dilation
+        )
+        cols = F.unfold(h, k, dil, pad, stride)  # [N, T*C*k*k, L]
+        length = cols.shape[-1]
+        cols = cols.reshape(n, t, -1, length).permute(1, 2, 0, 3).reshape(t, -1, n * length)
+        out = torch.bmm(w.reshape(t, w.shape[1], -1), cols)  # [T, C_out, N*L]
+        if b is not None:
+            out = out + b.unsqueeze(2)
+        h_out = (height + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+        w_out = (width + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+        out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
+        return out.reshape(n, -1, h_out, w_out)
 
     def _losses(self, params, buffers, x, y, batched, params_batched):
         """Loss of each task ``[T]`` (a scalar for one task)."""
@@ -230,6 +341,12 @@ class InnerLoop:
             return self.loss_fn(pred, y)
         if self.loss_fn is F.mse_loss:  # the mean over each task's points
             return (pred - y).square().flatten(1).mean(1)
+        if self.loss_fn is F.cross_entropy and pred.dim() == 3:
+            # [T, N, classes]: mean over each task's N examples
+            per_example = F.cross_entropy(
+                pred.flatten(0, 1), y.flatten(), reduction="none"
+            )
+            return per_example.view(y.shape).mean(1)
         return vmap(self.loss_fn)(pred, y)
 
     def _adapt(self, params, buffers, x, y, steps, first_order, batched):

@@ -52,10 +52,15 @@ class MAML(InnerLoop):
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
         """One outer update: zero grads, meta-loss, backward, optimizer step."""
+        return self.step(batch, optimizer).item()
+
+    def step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """``meta_step`` without the host sync: returns the loss as a tensor on
+        the model's device. Capturable in a CUDA graph (``mlbook.graph``)."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.meta_loss(batch)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     uses_optimizer = True

@@ -113,22 +113,47 @@ class AnnealedReptile:
     def __init__(self, reptile: Reptile, start: float, final: float, total: int):
         self.reptile, self.model = reptile, reptile.model
         self.start, self.final, self.total, self.iteration = start, final, total, 0
+        self._lr = None
+
+    def prepare_step(self):
+        """Host side of an iteration: set this iteration's outer_lr. It lives in
+        a device tensor that ``step`` reads, so a CUDA-graph replay sees it."""
+        frac = self.iteration / max(self.total, 1)
+        lr = self.start + (self.final - self.start) * frac
+        self.reptile.outer_lr = lr
+        device = next(self.model.parameters()).device
+        if self._lr is None or self._lr.device != device:
+            self._lr = torch.tensor(lr, device=device)
+        else:
+            self._lr.fill_(lr)
+        self.iteration += 1
+
+    def step(self, batch, optimizer=None):
+        return self.reptile.step(batch, outer_lr=self._lr)
 
     def meta_step(self, batch, optimizer=None):
-        frac = self.iteration / max(self.total, 1)
-        self.reptile.outer_lr = self.start + (self.final - self.start) * frac
-        self.iteration += 1
-        return self.reptile.meta_step(batch)
+        self.prepare_step()
+        return self.step(batch).item()
+
+    @property
+    def check_finite(self):
+        return self.reptile.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value):
+        self.reptile.check_finite = value
 
 
-def make_learner(s: dict, model=None):
+def make_learner(s: dict, model=None, conv_impl: str = "grouped"):
     """A fresh Conv4 (or ``model``) and the learner for settings ``s``."""
     model = model if model is not None else Conv4(1, s["way"])
     if s["method"] == "reptile":
         return Reptile(model, F.cross_entropy, inner_lr=s["inner_lr"],
-                       inner_steps=s["inner_steps"], outer_lr=s["outer_lr"])
+                       inner_steps=s["inner_steps"], outer_lr=s["outer_lr"],
+                       conv_impl=conv_impl)
     return MAML(model, F.cross_entropy, inner_lr=s["inner_lr"],
-                inner_steps=s["inner_steps"], first_order=s["first_order"])
+                inner_steps=s["inner_steps"], first_order=s["first_order"],
+                conv_impl=conv_impl)
 
 
 def _trainer(s, learner, iterations):
@@ -149,6 +174,29 @@ def _cpu_seconds_per_iteration(s, train, device, probe=3) -> float:
                k_support=s["k_support"], k_query=s["k_query"], outer_lr=s["outer_lr"],
                seed=2, device=device, progress=False)
     return (time.process_time() - start) / probe
+
+
+def _wall_seconds_per_iteration(s, train, device, cuda_graph, conv_impl,
+                                short=5, long=25) -> float:
+    """Wall seconds of one meta-iteration on ``device``: two throw-away runs of
+    ``short`` and ``long`` iterations, so start-up (a graph capture, say)
+    cancels out of the difference."""
+    def timed(n, seed):
+        learner = make_learner(s, conv_impl=conv_impl)
+        trainer = _trainer(s, learner, n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        meta_train(trainer, train, n, num_tasks=s["meta_batch"],
+                   k_support=s["k_support"], k_query=s["k_query"],
+                   outer_lr=s["outer_lr"], seed=seed, device=device, progress=False,
+                   cuda_graph=cuda_graph)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(short, 1)  # warm-up: library handles, kernel selection
+    return max((timed(long, 2) - timed(short, 3)) / (long - short), 1e-6)
 
 
 def evaluate_cell(learner, test, s, num_tasks=EVAL["num_tasks"], seed=EVAL["seed"],
@@ -181,10 +229,13 @@ def headline(result: dict, protocol: str = "transductive") -> tuple[float, float
 
 def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         out="runs/omniglot", device=None, ship=False, eval_tasks=EVAL["num_tasks"],
-        one_query_tasks=None, meta_batch=None, root=None, progress=True) -> dict:
+        one_query_tasks=None, meta_batch=None, root=None, progress=True,
+        minutes=None, cuda_graph=False, conv_impl="grouped") -> dict:
     """Train and evaluate one table cell; returns (and writes) its result.
     ``meta_batch`` overrides the paper's number of tasks per meta-iteration
-    (the record keeps both)."""
+    (the record keeps both). ``minutes`` (wall clock) or ``cpu_minutes`` pick
+    the number of iterations that fits; ``cuda_graph`` replays each step from
+    a CUDA graph (``mlbook.graph``)."""
     s = settings(method, way, shot)
     paper_meta_batch = s["meta_batch"]
     if meta_batch is not None:
@@ -193,7 +244,14 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     data = omniglot_data.load(root)
     train = fewshot.omniglot("train", way, data=data)
     test = fewshot.omniglot("test", way, data=data)
-    per_it = None
+    per_it = wall_per_it = None
+    if iterations is None and minutes is not None:
+        wall_per_it = _wall_seconds_per_iteration(s, train, device, cuda_graph,
+                                                  conv_impl)
+        iterations = max(1, int(minutes * 60 / wall_per_it))
+        if progress:
+            print(f"{1e3 * wall_per_it:.1f} ms / iteration -> {iterations} iterations "
+                  f"in {minutes} minutes", file=sys.stderr)
     if iterations is None and cpu_minutes is not None:
         per_it = _cpu_seconds_per_iteration(s, train, device)
         iterations = max(1, int(cpu_minutes * 60 / per_it))
@@ -207,7 +265,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     ckpt = folder / "train.pt"
 
     torch.manual_seed(seed)
-    learner = make_learner(s)
+    learner = make_learner(s, conv_impl=conv_impl)
     trainer = _trainer(s, learner, iterations)
     if ckpt.exists() and isinstance(trainer, AnnealedReptile):
         trainer.iteration = torch.load(ckpt, weights_only=True)["iteration"]
@@ -215,7 +273,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     res = meta_train(trainer, train, iterations, num_tasks=s["meta_batch"],
                      k_support=s["k_support"], k_query=s["k_query"],
                      outer_lr=s["outer_lr"], seed=seed, device=device, checkpoint=ckpt,
-                     checkpoint_every=100, progress=progress)
+                     checkpoint_every=100, progress=progress, cuda_graph=cuda_graph)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
     learner.model.eval()  # Conv4's batch norm uses batch statistics either way
     wall, cpu = time.perf_counter(), time.process_time()
@@ -230,6 +288,8 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
                + (f" --eval-tasks {eval_tasks}" if eval_tasks != EVAL["num_tasks"]
                   else "")
                + (f" --one-query-tasks {one_query_tasks}" if one_query_tasks else "")
+               + (" --cuda-graph" if cuda_graph else "")
+               + (f" --conv-impl {conv_impl}" if conv_impl != "grouped" else "")
                + (" --ship" if ship else ""))
     losses = res.losses
     result = dict(
@@ -241,6 +301,9 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         train=dict(iterations=iterations, seed=seed, meta_batch=s["meta_batch"],
                    wall_seconds=round(train_wall, 1), cpu_seconds=round(train_cpu, 1),
                    cpu_seconds_per_iteration=round(per_it, 3) if per_it else None,
+                   wall_ms_per_iteration=round(1e3 * train_wall / max(
+                       iterations - res.resumed_from, 1), 2),
+                   cuda_graph=cuda_graph, conv_impl=conv_impl,
                    resumed_from=res.resumed_from,
                    final_loss=sum(losses[-50:]) / max(len(losses[-50:]), 1)),
         eval=ev,
@@ -250,6 +313,8 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         paper=PAPER.get((method, way, shot)),
         command=command,
         device=str(device), threads=torch.get_num_threads(),
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else platform.processor() or "cpu"),
         torch=torch.__version__, python=platform.python_version(), commit=_commit(),
         data_split="MAML split, numpy RandomState(1); rotations as classes",
     )
@@ -302,6 +367,12 @@ def main(argv=None):
                    help="meta-iterations (default: the paper's)")
     p.add_argument("--cpu-minutes", type=float, default=None,
                    help="choose --iterations to fit this much CPU time")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="choose --iterations to fit this much wall-clock time")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each meta-step from a CUDA graph (CUDA only)")
+    p.add_argument("--conv-impl", choices=("grouped", "bmm"), default="grouped",
+                   help="how the tasks' convolutions are batched")
     p.add_argument("--meta-batch", type=int, default=None,
                    help="tasks per meta-iteration (default: the paper's)")
     p.add_argument("--seed", type=int, default=0)
@@ -319,7 +390,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     r = run(a.method, a.way, a.shot, a.iterations, a.cpu_minutes, a.seed, a.out,
-            a.device, a.ship, a.eval_tasks, a.one_query_tasks, a.meta_batch, a.root)
+            a.device, a.ship, a.eval_tasks, a.one_query_tasks, a.meta_batch, a.root,
+            minutes=a.minutes, cuda_graph=a.cuda_graph, conv_impl=a.conv_impl)
     print(table([r]))
     return 0
 

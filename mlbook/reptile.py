@@ -51,7 +51,16 @@ class Reptile(InnerLoop):
     def meta_step(self, batch: TaskBatch, optimizer=None) -> float:
         """One Reptile update from a batch of tasks; returns the mean query loss
         of the adapted weights (the support loss when there are no query points)."""
+        return self.step(batch, optimizer).item()
+
+    def step(self, batch: TaskBatch, optimizer=None, outer_lr=None) -> torch.Tensor:
+        """``meta_step`` without the host sync: the loss as a tensor on the
+        model's device. ``outer_lr`` overrides ``self.outer_lr`` and may be a
+        0-dim tensor (a schedule that a CUDA graph replays reads it there).
+        Capturable in a CUDA graph (``mlbook.graph``) when ``check_finite`` is
+        off."""
         self._check_batch(batch, "meta_step")
+        outer_lr = self.outer_lr if outer_lr is None else outer_lr
         has_query = batch.x_query.shape[1] > 0
         x, y = (
             (batch.x_query, batch.y_query)
@@ -69,9 +78,9 @@ class Reptile(InnerLoop):
                 # theta - mean_T phi_T is the Reptile "gradient"
                 direction = p - phi[name].mean(0)
                 if optimizer is None:
-                    p.sub_(self.outer_lr * direction)
+                    p.sub_(outer_lr * direction)
                 else:
                     p.grad = direction.clone()
         if optimizer is not None:
             optimizer.step()
-        return loss.item()
+        return loss

@@ -38,8 +38,12 @@ class Pretrained(InnerLoop):
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
         """One pretraining step on the pooled data of ``batch``."""
+        return self.step(batch, optimizer).item()
+
+    def step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """``meta_step`` without the host sync (the loss as a device tensor)."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.pooled_loss(batch)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
