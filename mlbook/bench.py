@@ -186,18 +186,47 @@ class _Baseline:
         return self.fn(self.w, self.model, batch, opt)
 
 
-def _learner(w, model, conv_impl="grouped"):
+def _learner(w, model, conv_impl="grouped", channels_last=False, plain_norm=False,
+             bf16=False):
     if w["method"] == "reptile":
-        return Reptile(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
-                       outer_lr=w["outer_lr"], check_finite=False, conv_impl=conv_impl)
-    return MAML(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
-                first_order=w["method"] == "fomaml", check_finite=False,
-                conv_impl=conv_impl)
+        out = Reptile(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
+                      outer_lr=w["outer_lr"], check_finite=False, conv_impl=conv_impl)
+    else:
+        out = MAML(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
+                   first_order=w["method"] == "fomaml", check_finite=False,
+                   conv_impl=conv_impl)
+    out._channels_last, out._plain_norm = channels_last, plain_norm
+    return _Autocast(out) if bf16 else out
 
 
-def variants(w, device) -> dict:
+class _Autocast:
+    """A learner whose step runs under bfloat16 autocast (an experiment)."""
+
+    check_finite = False
+
+    def __init__(self, learner):
+        self.learner, self.model = learner, learner.model
+
+    def step(self, batch, opt):
+        # cache_enabled=False: cached casts would outlive a CUDA-graph capture
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return self.learner.step(batch, opt)
+
+
+def variants(w, device, experiments=False) -> dict:
     """label -> (make_stepper(model), graphed?). A stepper has ``step(batch, opt)``."""
     conv = w["name"].startswith("conv4")
+    if experiments:  # levers tried on the graphed mlbook step (CUDA only)
+        return {
+            "mlbook + graph": (lambda m: _learner(w, m), True),
+            "NHWC + graph": (lambda m: _learner(w, m, channels_last=True), True),
+            "plain BN + graph": (lambda m: _learner(w, m, plain_norm=True), True),
+            "bf16 + graph": (lambda m: _learner(w, m, bf16=True), True),
+            "bf16 NHWC + graph": (
+                lambda m: _learner(w, m, channels_last=True, bf16=True), True),
+            "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
+            "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
+        }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
     if conv:
         out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
@@ -247,9 +276,9 @@ def _update(w, model, run, batch):
     return torch.cat([v.double().flatten() for v in vec])
 
 
-def accuracy(w, device, labels) -> dict:
+def accuracy(w, device, labels, experiments=False) -> dict:
     """Relative error of each variant's first update vs the float64 loop."""
-    vs = variants(w, device)
+    vs = variants(w, device, experiments)
     b = w["batch"]
     b64 = TaskBatch(
         b.x_support.double(), b.y_support, b.x_query.double(), b.y_query
@@ -272,9 +301,9 @@ def accuracy(w, device, labels) -> dict:
     return errors
 
 
-def run_workload(w, device, rounds, round_seconds=0.25, skip=()):
-    vs = {k: v for k, v in variants(w, device).items() if k not in skip}
-    errors = accuracy(w, device, list(vs))
+def run_workload(w, device, rounds, round_seconds=0.25, skip=(), experiments=False):
+    vs = {k: v for k, v in variants(w, device, experiments).items() if k not in skip}
+    errors = accuracy(w, device, list(vs), experiments)
     for label, e in list(errors.items()):
         if isinstance(e, Exception):
             print(f"{w['name']}: {label} failed and is left out: "
@@ -325,6 +354,31 @@ def run_workload(w, device, rounds, round_seconds=0.25, skip=()):
     return rows
 
 
+def profile(w, device, steps=3) -> str:
+    """Where the GPU time of one eager mlbook step goes: the top kernels by
+    device time, and how many kernels one step launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, run = _setup(w, lambda m: _learner(w, m), False, device)
+    for _ in range(3):
+        run(w["batch"])
+    _sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run(w["batch"])
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    try:
+        table = events.table(sort_by="device_time_total", row_limit=14)
+    except Exception:  # noqa: BLE001 - older names
+        table = events.table(sort_by="cuda_time_total", row_limit=14)
+    return (f"{w['name']}: {len(kernels) / steps:.0f} kernels per step, "
+            f"{total_us / steps / 1e3:.2f} ms of kernel time per step\n{table}")
+
+
 def format_rows(rows) -> str:
     head = (f"{'workload':<14} {'variant':<19} {'ms/step':>9} {'steps/s':>9} "
             f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9} {'rel err':>8}")
@@ -357,6 +411,15 @@ def main(argv=None):
     p.add_argument("--tf32", action="store_true",
                    help="let float32 matrix products use TF32 (convolutions on "
                    "CUDA use it by default in PyTorch)")
+    p.add_argument("--experiments", action="store_true",
+                   help="CUDA: time levers on the graphed step instead (channels-"
+                   "last, plain-op batch norm, bfloat16 autocast)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms and pick the fastest")
+    p.add_argument("--no-tf32-conv", action="store_true",
+                   help="full float32 convolutions on CUDA (PyTorch's default is TF32)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where one eager mlbook step spends GPU time")
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -366,6 +429,11 @@ def main(argv=None):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     cuda = device.type == "cuda"
+    if args.experiments and not cuda:
+        p.error("--experiments needs CUDA")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.no_tf32_conv:
+        torch.backends.cudnn.allow_tf32 = False
     names = (args.workloads or ("sinusoid,conv4,conv4-20w,conv4-fo,conv4-reptile"
                                 if cuda else "sinusoid,conv4")).split(",")
     skip = tuple(s for s in args.skip.split(",") if s)
@@ -375,17 +443,24 @@ def main(argv=None):
             w = workload(name, device)
         except ValueError as e:
             p.error(str(e))
-        rows += run_workload(w, device, args.rounds, args.round_seconds, skip)
+        rows += run_workload(w, device, args.rounds, args.round_seconds, skip,
+                             args.experiments)
         print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
+        if args.profile:
+            try:
+                print(profile(w, device), flush=True)
+            except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
+                print(f"profile of {name} failed: {type(e).__name__}: {e}")
     dev = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     print(f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; TF32 matmul "
           f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
-          f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}")
+          f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}; cudnn.benchmark "
+          f"{args.cudnn_benchmark}")
     print(format_rows(rows))
     record = dict(
         device=str(device), device_name=dev, torch=torch.__version__,
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), cudnn_benchmark=args.cudnn_benchmark,
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         tf32_conv=torch.backends.cudnn.allow_tf32 if cuda else None, rows=rows,
     )

@@ -155,6 +155,10 @@ class InnerLoop:
         if conv_impl not in ("grouped", "bmm"):
             raise ValueError(f"conv_impl must be 'grouped' or 'bmm', got {conv_impl!r}")
         self.conv_impl = conv_impl  # how Conv4's convolutions are batched
+        # Speed experiments (python -m mlbook bench --experiments), not API:
+        # channels-last activations, batch norm written with plain ops.
+        self._channels_last = False
+        self._plain_norm = False
         self._norms = None
 
     # -- parameters -----------------------------------------------------------
@@ -281,10 +285,19 @@ class InnerLoop:
         """
         t, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
+        if self._channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         for kind, name, layer in self._conv_plan:
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 h = self._conv(h, w, b, layer, t)
+            elif kind == "norm" and self._plain_norm:
+                g, b = params[f"{name}.weight"], params[f"{name}.bias"]
+                mean = h.mean((0, 2, 3), keepdim=True)
+                var = (h - mean).square().mean((0, 2, 3), keepdim=True)
+                h = (h - mean) * torch.rsqrt(var + layer.eps) * g.reshape(
+                    1, -1, 1, 1
+                ) + b.reshape(1, -1, 1, 1)
             elif kind == "norm":
                 g, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
                 h = F.batch_norm(

@@ -10,7 +10,10 @@
 #   bash scripts/gpu_checks.sh [OUT]
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
-# MLBOOK_DATA (and a cache via MLBOOK_CACHE). CELLS="method shot minutes,..."
+# MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
+# "tests bench cells"; "speed" times the levers of `bench --experiments`,
+# full-float32 and cudnn.benchmark runs, and profiles one step; TESTS picks the
+# test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
 set -u
@@ -28,15 +31,17 @@ say "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-say "unit tests (CUDA cases included where a GPU is visible)"
-timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_graph.py \
-  tests/test_maml.py tests/test_reptile_transfer.py tests/test_train.py \
-  tests/test_tasks_and_errors.py >"$out/tests.log" 2>&1
-echo "pytest exit $?"; tail -4 "$out/tests.log"
+parts=${PARTS:-tests bench cells}
+tests=${TESTS:-tests/test_graph.py tests/test_maml.py tests/test_reptile_transfer.py tests/test_train.py tests/test_tasks_and_errors.py}
+if [[ " $parts " == *" tests "* ]]; then
+  say "unit tests (CUDA cases included where a GPU is visible)"
+  timeout 240 $py -m pytest -q -p no:cacheprovider $tests >"$out/tests.log" 2>&1
+  echo "pytest exit $?"; tail -4 "$out/tests.log"
+fi
 
-say "benchmark"
 gflag=""; [ "$dev" = cuda ] && gflag="--cuda-graph"
-if [ "$dev" = cuda ]; then
+if [ "$dev" = cuda ] && [[ " $parts " == *" bench "* ]]; then
+  say "benchmark"
   timeout 240 $py -m mlbook bench --device "$dev" --rounds 5 --round-seconds 0.15 \
     --out "$out/bench_gpu.json"
   echo "bench exit $?"
@@ -47,8 +52,39 @@ if [ "$dev" = cuda ]; then
   echo "bench exit $?"
 fi
 
+if [[ " $parts " == *" notebooks "* ]]; then
+  # Every chapter, executed by nbval with CUDA visible (as on a Colab GPU
+  # runtime). Jupyter's packages travel as wheels in .whl/ when missing.
+  say "chapters under nbval"
+  if [ -d .whl ]; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
+  timeout 240 $py -m pytest -q -p no:cacheprovider --nbval-lax \
+    --nbval-cell-timeout=300 book >"$out/nbval.log" 2>&1
+  echo "nbval exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$out/nbval.log" | tail -15
+fi
+
+if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
+  say "levers on the graphed step"
+  timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
+    --skip "per-task loop" --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
+  say "levers with cudnn.benchmark"
+  timeout 60 $py -m mlbook bench --workloads conv4 --experiments --cudnn-benchmark \
+    --skip "per-task loop" --rounds 3 --round-seconds 0.15 \
+    --out "$out/bench_levers_cudnn_benchmark.json"
+  say "full float32 convolutions (no TF32)"
+  timeout 60 $py -m mlbook bench --workloads conv4 --no-tf32-conv \
+    --skip "per-task loop,torch.func vmap,vmap + graph,higher" --rounds 3 \
+    --round-seconds 0.15 --out "$out/bench_fp32.json"
+  say "profile of one eager step"
+  timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
+    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
+    --round-seconds 0.05 --out "$out/bench_profile.json"
+fi
+
 # The faster way of batching Conv4 on this card, read off the benchmark.
-impl=$($py - "$out/bench_gpu.json" <<'EOF'
+impl=${IMPL:-$($py - "$out/bench_gpu.json" <<'EOF'
 import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["rows"]
@@ -57,10 +93,12 @@ try:
 except Exception:
     print("grouped")
 EOF
-)
+)}
+[[ " $parts " == *" cells "* ]] || cells=none
 say "Omniglot 5-way cells (conv impl: $impl)"
-cells=${CELLS:-"maml 1 0.75,maml 5 0.5,fomaml 1 0.4,fomaml 5 0.4,reptile 1 0.4,reptile 5 0.4"}
-IFS=, read -ra cell_list <<<"$cells"
+[ "${cells:-}" = none ] || cells=${CELLS:-"maml 1 0.75,maml 5 0.5,fomaml 1 0.4,fomaml 5 0.4,reptile 1 0.4,reptile 5 0.4"}
+cell_list=()
+[ "$cells" = none ] || IFS=, read -ra cell_list <<<"$cells"
 for cell in "${cell_list[@]}"; do
   set -- $cell
   minutes=$($py -c "print($3 * $scale)")
@@ -79,6 +117,7 @@ for cell in "${cell_list[@]}"; do
   fi
 done
 rm -f "$out/cell.log"
-tar czf "$out/cells.tar.gz" runs/gpu/*/result.json mlbook/checkpoints/omniglot-* 2>&1
+[ ${#cell_list[@]} -eq 0 ] || tar czf "$out/cells.tar.gz" runs/gpu/*/result.json \
+  mlbook/checkpoints/omniglot-* 2>&1
 say "done"
 } 2>&1 | tee "$out/log.txt"

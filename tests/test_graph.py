@@ -77,13 +77,13 @@ def test_capture_leaves_model_and_optimizer_as_they_were():
     maml = ml.MAML(net, F.cross_entropy, inner_lr=0.4)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    step = GraphedStep(maml, opt, episodes(4, 5, 1, 2, 0).cuda())
+    step = GraphedStep(maml, opt, episodes(4, 5, 1, 2, 0).to("cuda"))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     for state in opt.state.values():  # as fresh as an unused Adam's
         assert all(float(v.abs().sum()) == 0 for v in state.values())
     assert maml.check_finite  # switched off only while capturing
-    loss = step(episodes(4, 5, 1, 2, 1).cuda())
+    loss = step(episodes(4, 5, 1, 2, 1).to("cuda"))
     assert torch.isfinite(loss)
     assert not torch.equal(net.head.weight, before["head.weight"])
 
