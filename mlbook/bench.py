@@ -154,19 +154,45 @@ def workload(name: str, device) -> dict:
     """The settings and one fixed batch of a named workload."""
     cuda = device.type == "cuda"
     if name == "sinusoid":
-        batch = Sinusoid().sample(25, 10, 10, generator=torch.Generator().manual_seed(0))
-        w = dict(make=lambda: MLP(1, (40, 40), 1), loss=F.mse_loss, alpha=0.01,
-                 steps=1, method="maml", batch=batch)
+        batch = Sinusoid().sample(
+            25, 10, 10, generator=torch.Generator().manual_seed(0)
+        )
+        w = dict(
+            make=lambda: MLP(1, (40, 40), 1),
+            loss=F.mse_loss,
+            alpha=0.01,
+            steps=1,
+            method="maml",
+            batch=batch,
+        )
     elif name in ("conv4", "conv4-fo"):
-        w = dict(make=lambda: Conv4(1, 5), loss=F.cross_entropy, alpha=0.4, steps=1,
-                 method="fomaml" if name == "conv4-fo" else "maml",
-                 batch=_episodes(32 if cuda else 8, 5, 1, 5))
+        w = dict(
+            make=lambda: Conv4(1, 5),
+            loss=F.cross_entropy,
+            alpha=0.4,
+            steps=1,
+            method="fomaml" if name == "conv4-fo" else "maml",
+            batch=_episodes(32 if cuda else 8, 5, 1, 5),
+        )
     elif name == "conv4-20w":
-        w = dict(make=lambda: Conv4(1, 20), loss=F.cross_entropy, alpha=0.1, steps=5,
-                 method="maml", batch=_episodes(16 if cuda else 4, 20, 1, 1))
+        w = dict(
+            make=lambda: Conv4(1, 20),
+            loss=F.cross_entropy,
+            alpha=0.1,
+            steps=5,
+            method="maml",
+            batch=_episodes(16 if cuda else 4, 20, 1, 1),
+        )
     elif name == "conv4-reptile":
-        w = dict(make=lambda: Conv4(1, 5), loss=F.cross_entropy, alpha=0.1, steps=5,
-                 method="reptile", outer_lr=1.0, batch=_episodes(5, 5, 10, 0))
+        w = dict(
+            make=lambda: Conv4(1, 5),
+            loss=F.cross_entropy,
+            alpha=0.1,
+            steps=5,
+            method="reptile",
+            outer_lr=1.0,
+            batch=_episodes(5, 5, 10, 0),
+        )
     else:
         raise ValueError(f"unknown workload {name!r}")
     w["name"] = name
@@ -186,15 +212,29 @@ class _Baseline:
         return self.fn(self.w, self.model, batch, opt)
 
 
-def _learner(w, model, conv_impl="grouped", channels_last=False, plain_norm=False,
-             bf16=False):
+def _learner(
+    w, model, conv_impl="grouped", channels_last=False, plain_norm=False, bf16=False
+):
     if w["method"] == "reptile":
-        out = Reptile(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
-                      outer_lr=w["outer_lr"], check_finite=False, conv_impl=conv_impl)
+        out = Reptile(
+            model,
+            w["loss"],
+            inner_lr=w["alpha"],
+            inner_steps=w["steps"],
+            outer_lr=w["outer_lr"],
+            check_finite=False,
+            conv_impl=conv_impl,
+        )
     else:
-        out = MAML(model, w["loss"], inner_lr=w["alpha"], inner_steps=w["steps"],
-                   first_order=w["method"] == "fomaml", check_finite=False,
-                   conv_impl=conv_impl)
+        out = MAML(
+            model,
+            w["loss"],
+            inner_lr=w["alpha"],
+            inner_steps=w["steps"],
+            first_order=w["method"] == "fomaml",
+            check_finite=False,
+            conv_impl=conv_impl,
+        )
     out._channels_last, out._plain_norm = channels_last, plain_norm
     return _Autocast(out) if bf16 else out
 
@@ -223,7 +263,9 @@ def variants(w, device, experiments=False) -> dict:
             "plain BN + graph": (lambda m: _learner(w, m, plain_norm=True), True),
             "bf16 + graph": (lambda m: _learner(w, m, bf16=True), True),
             "bf16 NHWC + graph": (
-                lambda m: _learner(w, m, channels_last=True, bf16=True), True),
+                lambda m: _learner(w, m, channels_last=True, bf16=True),
+                True,
+            ),
             "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
@@ -280,12 +322,11 @@ def accuracy(w, device, labels, experiments=False) -> dict:
     """Relative error of each variant's first update vs the float64 loop."""
     vs = variants(w, device, experiments)
     b = w["batch"]
-    b64 = TaskBatch(
-        b.x_support.double(), b.y_support, b.x_query.double(), b.y_query
-    )
+    b64 = TaskBatch(b.x_support.double(), b.y_support, b.x_query.double(), b.y_query)
     if w["name"] == "sinusoid":
-        b64 = TaskBatch(*(t.double() for t in (b.x_support, b.y_support,
-                                               b.x_query, b.y_query)))
+        b64 = TaskBatch(
+            *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
+        )
     model, run = _setup(w, vs["per-task loop"][0], False, device, torch.float64, b64)
     ref = _update(w, model, run, b64)
     errors = {}
@@ -306,8 +347,10 @@ def run_workload(w, device, rounds, round_seconds=0.25, skip=(), experiments=Fal
     errors = accuracy(w, device, list(vs), experiments)
     for label, e in list(errors.items()):
         if isinstance(e, Exception):
-            print(f"{w['name']}: {label} failed and is left out: "
-                  f"{type(e).__name__}: {e}", flush=True)
+            print(
+                f"{w['name']}: {label} failed and is left out: {type(e).__name__}: {e}",
+                flush=True,
+            )
             del vs[label], errors[label]
     batch = w["batch"]
     setups, memory, per_round = {}, {}, {}
@@ -338,19 +381,29 @@ def run_workload(w, device, rounds, round_seconds=0.25, skip=(), experiments=Fal
                 run(batch)
             _sync(device)
             times[label].append((time.perf_counter() - start) / n)
-    base = statistics.median(times["per-task loop"]) if "per-task loop" in times else None
+    base = (
+        statistics.median(times["per-task loop"]) if "per-task loop" in times else None
+    )
     rows = []
     for label, ts in times.items():
         sec = statistics.median(ts)
-        rows.append(dict(
-            workload=w["name"], method=w["method"], variant=label,
-            ms_per_step=1e3 * sec, steps_per_s=1 / sec,
-            tasks_per_s=batch.num_tasks / sec,
-            speedup_vs_loop=(base / sec) if base else None,
-            peak_mib=memory.get(label), rel_err_vs_float64=errors[label],
-            rounds=rounds, steps_per_round=per_round[label],
-            num_tasks=batch.num_tasks, inner_steps=w["steps"],
-        ))
+        rows.append(
+            dict(
+                workload=w["name"],
+                method=w["method"],
+                variant=label,
+                ms_per_step=1e3 * sec,
+                steps_per_s=1 / sec,
+                tasks_per_s=batch.num_tasks / sec,
+                speedup_vs_loop=(base / sec) if base else None,
+                peak_mib=memory.get(label),
+                rel_err_vs_float64=errors[label],
+                rounds=rounds,
+                steps_per_round=per_round[label],
+                num_tasks=batch.num_tasks,
+                inner_steps=w["steps"],
+            )
+        )
     return rows
 
 
@@ -364,7 +417,9 @@ def profile(w, device, steps=3) -> str:
     for _ in range(3):
         run(w["batch"])
     _sync(device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    ) as prof:
         for _ in range(steps):
             run(w["batch"])
         _sync(device)
@@ -375,13 +430,34 @@ def profile(w, device, steps=3) -> str:
         table = events.table(sort_by="device_time_total", row_limit=14)
     except Exception:  # noqa: BLE001 - older names
         table = events.table(sort_by="cuda_time_total", row_limit=14)
-    return (f"{w['name']}: {len(kernels) / steps:.0f} kernels per step, "
-            f"{total_us / steps / 1e3:.2f} ms of kernel time per step\n{table}")
+    return (
+        f"{w['name']}: {len(kernels) / steps:.0f} kernels per step, "
+        f"{total_us / steps / 1e3:.2f} ms of kernel time per step\n{table}"
+    )
+
+
+RECORDS = Path(__file__).parent / "records"
+
+
+def records() -> list[str]:
+    """Names of the shipped benchmark records (GPU runs, made by
+    ``scripts/gpu_checks.sh``; each holds the command that produced it)."""
+    return sorted(p.stem for p in RECORDS.glob("*.json"))
+
+
+def load_record(name: str) -> dict:
+    """One shipped benchmark record, e.g. ``load_record("bench-h200")``."""
+    path = RECORDS / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"no benchmark record {name!r}; available: {records()}")
+    return json.loads(path.read_text())
 
 
 def format_rows(rows) -> str:
-    head = (f"{'workload':<14} {'variant':<19} {'ms/step':>9} {'steps/s':>9} "
-            f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9} {'rel err':>8}")
+    head = (
+        f"{'workload':<14} {'variant':<19} {'ms/step':>9} {'steps/s':>9} "
+        f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9} {'rel err':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r['speedup_vs_loop']:.1f}" if r["speedup_vs_loop"] else "-"
@@ -396,33 +472,59 @@ def format_rows(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m mlbook bench", description=__doc__,
+        prog="python -m mlbook bench",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda if present)"
+    )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--workloads", default=None,
-                   help="comma-separated (default: sinusoid,conv4 on the CPU; all "
-                   "five on CUDA)")
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated (default: sinusoid,conv4 on the CPU; all five on CUDA)",
+    )
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--round-seconds", type=float, default=0.25,
-                   help="about how long one round of one variant runs")
+    p.add_argument(
+        "--round-seconds",
+        type=float,
+        default=0.25,
+        help="about how long one round of one variant runs",
+    )
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
-    p.add_argument("--tf32", action="store_true",
-                   help="let float32 matrix products use TF32 (convolutions on "
-                   "CUDA use it by default in PyTorch)")
-    p.add_argument("--experiments", action="store_true",
-                   help="CUDA: time levers on the graphed step instead (channels-"
-                   "last, plain-op batch norm, bfloat16 autocast)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN time its algorithms and pick the fastest")
-    p.add_argument("--no-tf32-conv", action="store_true",
-                   help="full float32 convolutions on CUDA (PyTorch's default is TF32)")
-    p.add_argument("--profile", action="store_true",
-                   help="also print where one eager mlbook step spends GPU time")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let float32 matrix products use TF32 (convolutions on "
+        "CUDA use it by default in PyTorch)",
+    )
+    p.add_argument(
+        "--experiments",
+        action="store_true",
+        help="CUDA: time levers on the graphed step instead (channels-"
+        "last, plain-op batch norm, bfloat16 autocast)",
+    )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its algorithms and pick the fastest",
+    )
+    p.add_argument(
+        "--no-tf32-conv",
+        action="store_true",
+        help="full float32 convolutions on CUDA (PyTorch's default is TF32)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where one eager mlbook step spends GPU time",
+    )
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but no GPU is visible")
     torch.set_num_threads(args.threads)
@@ -434,8 +536,14 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.no_tf32_conv:
         torch.backends.cudnn.allow_tf32 = False
-    names = (args.workloads or ("sinusoid,conv4,conv4-20w,conv4-fo,conv4-reptile"
-                                if cuda else "sinusoid,conv4")).split(",")
+    names = (
+        args.workloads
+        or (
+            "sinusoid,conv4,conv4-20w,conv4-fo,conv4-reptile"
+            if cuda
+            else "sinusoid,conv4"
+        )
+    ).split(",")
     skip = tuple(s for s in args.skip.split(",") if s)
     rows = []
     for name in names:
@@ -443,8 +551,9 @@ def main(argv=None):
             w = workload(name, device)
         except ValueError as e:
             p.error(str(e))
-        rows += run_workload(w, device, args.rounds, args.round_seconds, skip,
-                             args.experiments)
+        rows += run_workload(
+            w, device, args.rounds, args.round_seconds, skip, args.experiments
+        )
         print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
         if args.profile:
             try:
@@ -452,17 +561,30 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
                 print(f"profile of {name} failed: {type(e).__name__}: {e}")
     dev = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    print(f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
-          f"threads {torch.get_num_threads()}; TF32 matmul "
-          f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
-          f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}; cudnn.benchmark "
-          f"{args.cudnn_benchmark}")
+    print(
+        f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; TF32 matmul "
+        f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
+        f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}; cudnn.benchmark "
+        f"{args.cudnn_benchmark}"
+    )
     print(format_rows(rows))
+    import sys
+
+    from .reproduce import _commit
+
     record = dict(
-        device=str(device), device_name=dev, torch=torch.__version__,
-        threads=torch.get_num_threads(), cudnn_benchmark=args.cudnn_benchmark,
+        command="python -m mlbook bench "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        commit=_commit(),
+        device=str(device),
+        device_name=dev,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cudnn_benchmark=args.cudnn_benchmark,
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-        tf32_conv=torch.backends.cudnn.allow_tf32 if cuda else None, rows=rows,
+        tf32_conv=torch.backends.cudnn.allow_tf32 if cuda else None,
+        rows=rows,
     )
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"(written to {args.out})")

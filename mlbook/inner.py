@@ -70,8 +70,13 @@ def _conv_plan(model: nn.Module):
     plan = []
     for name, layer in model.features.named_children():
         name = f"features.{name}"
-        if (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
-                and isinstance(layer.padding, tuple)):
+        plain_conv = (
+            type(layer) is nn.Conv2d
+            and layer.groups == 1
+            and layer.padding_mode == "zeros"
+            and isinstance(layer.padding, tuple)
+        )
+        if plain_conv:
             plan.append(("conv", name, layer))
         elif type(layer) is nn.BatchNorm2d and not layer.track_running_stats:
             plan.append(("norm", name, layer))
@@ -338,7 +343,8 @@ class InnerLoop:
         )
         cols = F.unfold(h, k, dil, pad, stride)  # [N, T*C*k*k, L]
         length = cols.shape[-1]
-        cols = cols.reshape(n, t, -1, length).permute(1, 2, 0, 3).reshape(t, -1, n * length)
+        cols = cols.reshape(n, t, -1, length).permute(1, 2, 0, 3)
+        cols = cols.reshape(t, -1, n * length)
         out = torch.bmm(w.reshape(t, w.shape[1], -1), cols)  # [T, C_out, N*L]
         if b is not None:
             out = out + b.unsqueeze(2)

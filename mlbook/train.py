@@ -78,7 +78,9 @@ def meta_train(
     ``checkpoint_every`` iterations and at the end; an existing checkpoint is
     resumed (``resume=True``) so an interrupted run ends exactly where an
     uninterrupted one would. ``resume=False`` refuses to overwrite an existing
-    file. The model is moved to ``device`` (default: CUDA when present).
+    file. ``learner.model`` is moved to ``device`` (default: CUDA when
+    present); tensors a learner subclass keeps beside the model (learned
+    inner rates, say) are not moved: pass ``device`` where they live.
 
     ``cuda_graph=True`` (CUDA only) records one whole meta-step in a CUDA graph
     at the first iteration and replays it after (``mlbook.graph``): same

@@ -35,8 +35,9 @@ class Episodes:
 def test_cuda_graph_needs_a_cuda_device():
     maml = ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, inner_lr=0.01)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        ml.meta_train(maml, ml.tasks.Sinusoid(), 2, device="cpu", cuda_graph=True,
-                      progress=False)
+        ml.meta_train(
+            maml, ml.tasks.Sinusoid(), 2, device="cpu", cuda_graph=True, progress=False
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -53,15 +54,34 @@ def test_graphed_training_equals_eager_training(model):
     def run(graph):
         torch.manual_seed(0)
         if model == "mlp":
-            net, loss, lr, tasks, kw = (ml.models.MLP(1, (40, 40), 1), F.mse_loss,
-                                        0.01, ml.tasks.Sinusoid(), {})
+            net, loss, lr, tasks, kw = (
+                ml.models.MLP(1, (40, 40), 1),
+                F.mse_loss,
+                0.01,
+                ml.tasks.Sinusoid(),
+                {},
+            )
         else:
-            net, loss, lr, tasks, kw = (ml.models.Conv4(1, 5), F.cross_entropy, 0.4,
-                                        Episodes(), dict(k_support=1, k_query=2))
+            net, loss, lr, tasks, kw = (
+                ml.models.Conv4(1, 5),
+                F.cross_entropy,
+                0.4,
+                Episodes(),
+                dict(k_support=1, k_query=2),
+            )
         maml = ml.MAML(net, loss, inner_lr=lr)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True)
-        res = ml.meta_train(maml, tasks, 20, num_tasks=8, optimizer=opt, device="cuda",
-                            progress=False, cuda_graph=graph, **kw)
+        res = ml.meta_train(
+            maml,
+            tasks,
+            20,
+            num_tasks=8,
+            optimizer=opt,
+            device="cuda",
+            progress=False,
+            cuda_graph=graph,
+            **kw,
+        )
         return res.losses, [p.detach().clone() for p in net.parameters()]
 
     (eager_losses, eager), (graph_losses, graphed) = run(False), run(True)
@@ -93,10 +113,21 @@ def test_annealed_reptile_replays_the_changing_step_size():
     def run(graph):
         torch.manual_seed(0)
         net = ml.models.Conv4(1, 5, hidden=16)
-        rep = ml.Reptile(net, F.cross_entropy, inner_lr=0.1, inner_steps=3, outer_lr=1.0)
+        rep = ml.Reptile(
+            net, F.cross_entropy, inner_lr=0.1, inner_steps=3, outer_lr=1.0
+        )
         trainer = AnnealedReptile(rep, 1.0, 0.0, 6)
-        ml.meta_train(trainer, Episodes(), 6, num_tasks=3, k_support=2, k_query=0,
-                      device="cuda", progress=False, cuda_graph=graph)
+        ml.meta_train(
+            trainer,
+            Episodes(),
+            6,
+            num_tasks=3,
+            k_support=2,
+            k_query=0,
+            device="cuda",
+            progress=False,
+            cuda_graph=graph,
+        )
         return [p.detach().clone() for p in net.parameters()]
 
     for a, b in zip(run(True), run(False)):

@@ -1,0 +1,119 @@
+"""The benchmark command and the GPU records it made (mlbook/records)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+
+import mlbook as ml
+from mlbook import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_on_the_cpu_and_every_variant_matches_float64(tmp_path):
+    out = tmp_path / "bench.json"
+    assert (
+        bench.main(
+            [
+                "--device",
+                "cpu",
+                "--workloads",
+                "sinusoid",
+                "--rounds",
+                "1",
+                "--round-seconds",
+                "0.02",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m mlbook bench --device cpu")
+    variants = {r["variant"]: r for r in record["rows"]}
+    assert {"mlbook", "torch.func vmap", "per-task loop"} <= set(variants)
+    for r in record["rows"]:  # an MLP in float32: rounding only
+        assert r["rel_err_vs_float64"] < 1e-5, r
+        assert r["ms_per_step"] > 0
+    assert variants["per-task loop"]["speedup_vs_loop"] == pytest.approx(1.0)
+
+
+def test_bench_refuses_unknown_workloads_and_gpu_only_options():
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--workloads", "imagenet"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--experiments"])
+
+
+def test_shipped_records_name_their_command_and_device():
+    names = bench.records()
+    assert "bench-h200" in names
+    for name in names:
+        r = bench.load_record(name)
+        assert r["command"].startswith("python -m mlbook bench"), name
+        assert r["device_name"] == "NVIDIA H200" and r["commit"], name
+    with pytest.raises(ValueError, match="no benchmark record"):
+        bench.load_record("bench-tpu")
+
+
+def test_readme_speed_table_matches_the_record():
+    rows = {
+        (r["workload"], r["variant"]): r["ms_per_step"]
+        for r in bench.load_record("bench-h200")["rows"]
+    }
+    columns = [
+        "per-task loop",
+        "torch.func vmap",
+        "mlbook",
+        "vmap + graph",
+        "mlbook + graph",
+    ]
+    workloads = {
+        "sinusoid MAML": "sinusoid",
+        "Omniglot 5w1s MAML": "conv4",
+        "Omniglot 20w1s MAML": "conv4-20w",
+        "Omniglot 5w1s first-order": "conv4-fo",
+        "Omniglot 5-way Reptile": "conv4-reptile",
+    }
+    seen = 0
+    for line in (ROOT / "README.md").read_text().splitlines():
+        key = next(
+            (w for prefix, w in workloads.items() if line.startswith(f"| {prefix}")),
+            None,
+        )
+        if key is None:
+            continue
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")[1:]]
+        for variant, cell in zip(columns, cells):
+            if cell == "-":
+                assert (key, variant) not in rows
+                continue
+            decimals = len(cell.split(".")[1])
+            assert float(cell) == round(rows[key, variant], decimals), (key, variant)
+        seen += 1
+    assert seen == len(workloads)
+
+
+def test_readme_omniglot_claim_matches_the_shipped_record():
+    r = ml.zoo.info("omniglot-maml-5w1s")
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"reach ([\d.]+) \+- ([\d.]+) % on 5-way 1-shot after (\d+) s", text)
+    assert m, "README claim not found"
+    assert float(m.group(1)) == round(r["accuracy"], 1)
+    assert float(m.group(2)) == round(r["ci95"], 1)
+    assert int(m.group(3)) == round(r["train"]["wall_seconds"])
+
+
+def test_conv_impl_is_checked_and_only_conv4_gets_the_batched_forward():
+    with pytest.raises(ValueError, match="conv_impl"):
+        ml.MAML(ml.models.Conv4(1, 5), F.cross_entropy, 0.4, conv_impl="winograd")
+
+    class MyConv4(ml.models.Conv4):  # a subclass may change forward: use vmap
+        pass
+
+    assert ml.MAML(ml.models.Conv4(1, 5), F.cross_entropy, 0.4)._conv_plan
+    assert ml.MAML(MyConv4(1, 5), F.cross_entropy, 0.4)._conv_plan is None
