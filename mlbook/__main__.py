@@ -42,6 +42,12 @@ def main(argv=None):
         help="CPU threads (1 is fastest for this tiny MLP)",
     )
     s.add_argument(
+        "--compile",
+        action="store_true",
+        help="MAML and first-order MAML steps through torch.compile (CPU; "
+        "about 20 s to compile, then about half the time per step)",
+    )
+    s.add_argument(
         "--ship",
         action="store_true",
         help="also write the trained models into mlbook/checkpoints",
@@ -68,6 +74,7 @@ def main(argv=None):
             args.device,
             args.ship,
             eval_tasks=args.eval_tasks,
+            compile=args.compile,
         )
         print(sinusoid_table(results))
         print(f"(results in {args.out}/results.json)")

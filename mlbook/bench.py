@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch.func import functional_call, grad, vmap
 from .graph import GraphedStep
 from .maml import MAML
 from .models import MLP, Conv4
+from .reproduce import _commit, _machine
 from .reptile import Reptile
 from .tasks import Sinusoid, TaskBatch
 
@@ -213,7 +213,13 @@ class _Baseline:
 
 
 def _learner(
-    w, model, conv_impl="grouped", channels_last=False, plain_norm=False, bf16=False
+    w,
+    model,
+    conv_impl="grouped",
+    channels_last=False,
+    plain_norm=False,
+    bf16=False,
+    compile=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -234,6 +240,7 @@ def _learner(
             first_order=w["method"] == "fomaml",
             check_finite=False,
             conv_impl=conv_impl,
+            compile=compile,
         )
     out._channels_last, out._plain_norm = channels_last, plain_norm
     return _Autocast(out) if bf16 else out
@@ -270,6 +277,9 @@ def variants(w, device, experiments=False) -> dict:
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
+    if w.get("compile") and device.type == "cpu" and w["name"] == "sinusoid":
+        # only the MLP's closed-form step is compiled (mlbook.mlp_grad)
+        out["mlbook compiled"] = (lambda m: _learner(w, m, compile=True), False)
     if conv:
         out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
     if w["method"] == "maml":
@@ -520,6 +530,12 @@ def main(argv=None):
         action="store_true",
         help="also print where one eager mlbook step spends GPU time",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: add mlbook with MAML(compile=True) (torch.compile of the "
+        "closed-form MLP meta-gradient; compiling takes some 20 s, not timed)",
+    )
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)
     device = torch.device(
@@ -551,6 +567,7 @@ def main(argv=None):
             w = workload(name, device)
         except ValueError as e:
             p.error(str(e))
+        w["compile"] = args.compile
         rows += run_workload(
             w, device, args.rounds, args.round_seconds, skip, args.experiments
         )
@@ -560,7 +577,7 @@ def main(argv=None):
                 print(profile(w, device), flush=True)
             except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
                 print(f"profile of {name} failed: {type(e).__name__}: {e}")
-    dev = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    dev = torch.cuda.get_device_name(device) if cuda else _machine()
     print(
         f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; TF32 matmul "
@@ -571,7 +588,6 @@ def main(argv=None):
     print(format_rows(rows))
     import sys
 
-    from .reproduce import _commit
 
     record = dict(
         command="python -m mlbook bench "

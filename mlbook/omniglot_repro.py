@@ -55,7 +55,7 @@ from . import fewshot, zoo
 from .data import omniglot as omniglot_data
 from .maml import MAML
 from .models import Conv4
-from .reproduce import _commit
+from .reproduce import _commit, _machine
 from .reptile import Reptile
 from .train import default_device, evaluate, meta_train
 
@@ -314,7 +314,7 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
         command=command,
         device=str(device), threads=torch.get_num_threads(),
         device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else platform.processor() or "cpu"),
+                     else _machine()),
         torch=torch.__version__, python=platform.python_version(), commit=_commit(),
         data_split="MAML split, numpy RandomState(1); rotations as classes",
     )

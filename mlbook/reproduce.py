@@ -42,29 +42,47 @@ EVAL = dict(steps=(0, 1, 10), num_tasks=600, k_support=10, k_query=100, seed=123
 TEST_LR = 0.01  # every method is fine-tuned at test time with SGD, alpha = 0.01
 
 
+def _git(*args) -> str:
+    return subprocess.run(
+        ["git", *args], text=True, capture_output=True,
+        cwd=Path(__file__).parent, timeout=5,
+    ).stdout.strip()
+
+
 def _commit() -> str:
+    """The commit a record was made with; ``-dirty`` when the package's files
+    differ from it (then the record is not reproducible from the commit)."""
     if os.environ.get("MLBOOK_COMMIT"):  # a copy of the tree without .git
         return os.environ["MLBOOK_COMMIT"]
     try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                text=True,
-                capture_output=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-            or "unknown"
-        )
+        head = _git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def sinusoid_learner(method: str, model=None):
-    """The learner for ``method`` with its settings, on a fresh (or given) MLP."""
+def _machine() -> str:
+    """The processor's name (``/proc/cpuinfo`` on Linux), for records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def sinusoid_learner(method: str, model=None, compile: bool = False):
+    """The learner for ``method`` with its settings, on a fresh (or given) MLP.
+    ``compile`` is passed to MAML and first-order MAML (see ``mlbook.MAML``)."""
     settings = dict(SINUSOID[method])
     cls = settings.pop("cls")
     model = model if model is not None else MLP(1, (40, 40), 1)
+    if compile and cls is MAML:
+        settings["compile"] = True
     return cls(model, F.mse_loss, **settings)
 
 
@@ -77,6 +95,7 @@ def sinusoid(
     ship=False,
     progress=True,
     eval_tasks=600,
+    compile=False,
 ) -> dict:
     """Train and evaluate each method; returns and writes ``results.json``."""
     if ship and eval_tasks != EVAL["num_tasks"]:
@@ -90,7 +109,7 @@ def sinusoid(
     results = {}
     for method in methods:
         torch.manual_seed(seed)
-        learner = sinusoid_learner(method)
+        learner = sinusoid_learner(method, compile=compile)
         run = meta_train(
             learner,
             dist,
@@ -126,6 +145,7 @@ def sinusoid(
             method=method,
             iterations=iterations,
             train_seconds=round(run.seconds, 1),
+            compile=bool(compile and isinstance(learner, MAML)),
             eval_seconds=round(time.perf_counter() - start, 1),
             eval=ev.as_dict(),
             eval_by_k=by_k,
@@ -140,7 +160,9 @@ def sinusoid(
                 test_lr=TEST_LR,
                 eval_protocol=dict(EVAL, steps=list(EVAL["steps"]), test_lr=TEST_LR),
                 results=results[method],
-                command=f"python -m mlbook sinusoid --iterations {iterations} --ship",
+                command=f"python -m mlbook sinusoid --iterations {iterations}"
+                + (" --compile" if compile else "")
+                + " --ship",
                 device=str(next(learner.model.parameters()).device),
                 torch=torch.__version__,
                 python=platform.python_version(),

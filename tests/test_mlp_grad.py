@@ -1,0 +1,136 @@
+"""The closed-form MLP meta-gradient (mlbook.mlp_grad) against autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlbook as ml
+from mlbook.mlp_grad import relu_mlp_meta_grad
+
+
+def regression_batch(tasks, k, q, d_in, d_out, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    return ml.TaskBatch(
+        r(tasks, k, d_in), r(tasks, k, d_out), r(tasks, q, d_in), r(tasks, q, d_out)
+    )
+
+
+def autograd_step_grads(net, batch, alpha, first_order):
+    """The meta-gradient by plain autograd, one task at a time (no mlbook)."""
+    params = dict(net.named_parameters())
+    total = 0.0
+    for t in range(batch.num_tasks):
+        loss = F.mse_loss(
+            torch.func.functional_call(net, params, batch.x_support[t]),
+            batch.y_support[t],
+        )
+        grads = torch.autograd.grad(
+            loss, list(params.values()), create_graph=not first_order
+        )
+        fast = {k: p - alpha * g for (k, p), g in zip(params.items(), grads)}
+        total = total + F.mse_loss(
+            torch.func.functional_call(net, fast, batch.x_query[t]), batch.y_query[t]
+        )
+    loss = total / batch.num_tasks
+    return loss, torch.autograd.grad(loss, list(params.values()))
+
+
+@pytest.mark.parametrize("hidden", [(), (7,), (40, 40), (5, 6, 4)])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_closed_form_equals_autograd_in_float64(hidden, first_order):
+    net = ml.models.MLP(2, hidden, 3).double()
+    batch = regression_batch(4, 6, 9, 2, 3, seed=len(hidden))
+    expected_loss, expected = autograd_step_grads(net, batch, 0.3, first_order)
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    loss, g_w, g_b = relu_mlp_meta_grad(
+        [m.weight.detach() for m in linears],
+        [m.bias.detach() for m in linears],
+        batch.x_support,
+        batch.y_support,
+        batch.x_query,
+        batch.y_query,
+        0.3,
+        first_order,
+    )
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=0)
+    got = [g for pair in zip(g_w, g_b) for g in pair]  # net's order: W1, b1, W2, ...
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-13)
+
+
+def test_maml_step_uses_it_and_leaves_the_same_grads_as_meta_loss():
+    net = ml.models.MLP(1, (40, 40), 1).double()
+    b = ml.tasks.Sinusoid().sample(
+        5, 10, 10, generator=torch.Generator().manual_seed(1)
+    )
+    batch = ml.TaskBatch(
+        *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
+    )
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.01)
+    assert maml._explicit_layers(batch) is not None
+    loss = maml.step(batch, torch.optim.SGD(net.parameters(), lr=0.0))
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    expected = maml.meta_loss(batch)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=0)
+    for a, p in zip(got, net.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_other_models_and_settings_take_the_general_path():
+    batch = regression_batch(3, 5, 5, 1, 1, seed=0, dtype=torch.float32)
+    relu = ml.models.MLP(1, (8,), 1)
+    tanh = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    no_bias = nn.Sequential(nn.Linear(1, 8, bias=False), nn.ReLU(), nn.Linear(8, 1))
+
+    class MetaSGDLike(ml.MAML):
+        def inner_update(self, params, grads):
+            return {k: p - 0.5 * self.inner_lr * grads[k] for k, p in params.items()}
+
+    assert ml.MAML(relu, F.mse_loss, 0.1)._explicit_layers(batch) is not None
+    for learner in (
+        ml.MAML(tanh, F.mse_loss, 0.1),
+        ml.MAML(no_bias, F.mse_loss, 0.1),
+        ml.MAML(relu, F.mse_loss, 0.1, inner_steps=2),
+        ml.MAML(relu, F.l1_loss, 0.1),
+        MetaSGDLike(relu, F.mse_loss, 0.1),
+    ):
+        assert learner._explicit_layers(batch) is None
+    # targets that mse_loss would broadcast are left to the general path too
+    squeezed = ml.TaskBatch(
+        batch.x_support, batch.y_support[..., 0], batch.x_query, batch.y_query[..., 0]
+    )
+    assert ml.MAML(relu, F.mse_loss, 0.1)._explicit_layers(squeezed) is None
+
+
+def test_explicit_step_still_refuses_nan():
+    net = ml.models.MLP(1, (8,), 1)
+    batch = regression_batch(2, 5, 5, 1, 1, seed=0, dtype=torch.float32)
+    batch.x_query[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        ml.MAML(net, F.mse_loss, 0.1).meta_step(
+            batch, torch.optim.SGD(net.parameters(), lr=0.1)
+        )
+
+
+def test_compiled_step_gives_the_eager_step():
+    # torch.compile needs a C++ compiler; without one MAML warns and runs eager,
+    # which this check accepts too: either way the numbers must agree.
+    b = ml.tasks.Sinusoid().sample(
+        25, 10, 10, generator=torch.Generator().manual_seed(2)
+    )
+    grads = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        net = ml.models.MLP(1, (40, 40), 1)
+        maml = ml.MAML(net, F.mse_loss, inner_lr=0.01, compile=compile)
+        maml.step(b, torch.optim.SGD(net.parameters(), lr=0.0))
+        grads.append([p.grad for p in net.parameters()])
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
