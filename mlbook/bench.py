@@ -463,19 +463,35 @@ def load_record(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def format_rows(rows) -> str:
-    head = (
-        f"{'workload':<14} {'variant':<19} {'ms/step':>9} {'steps/s':>9} "
-        f"{'tasks/s':>9} {'x loop':>7} {'peak MiB':>9} {'rel err':>8}"
+def format_rows(rows, compact: bool = False) -> str:
+    """The benchmark table; ``compact`` leaves out steps/s and tasks/s (for
+    narrow pages)."""
+    cols = [
+        ("ms/step", 9),
+        ("steps/s", 9),
+        ("tasks/s", 9),
+        ("x loop", 7),
+        ("peak MiB", 9),
+        ("rel err", 8),
+    ]
+    if compact:
+        cols = [c for c in cols if c[0] not in ("steps/s", "tasks/s")]
+    head = f"{'workload':<14} {'variant':<19} " + " ".join(
+        f"{name:>{width}}" for name, width in cols
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        speed = f"{r['speedup_vs_loop']:.1f}" if r["speedup_vs_loop"] else "-"
-        mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        cell = {
+            "ms/step": f"{r['ms_per_step']:.2f}",
+            "steps/s": f"{r['steps_per_s']:.1f}",
+            "tasks/s": f"{r['tasks_per_s']:.0f}",
+            "x loop": f"{r['speedup_vs_loop']:.1f}" if r["speedup_vs_loop"] else "-",
+            "peak MiB": f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a",
+            "rel err": f"{r['rel_err_vs_float64']:.1e}",
+        }
         lines.append(
-            f"{r['workload']:<14} {r['variant']:<19} {r['ms_per_step']:>9.2f} "
-            f"{r['steps_per_s']:>9.1f} {r['tasks_per_s']:>9.0f} {speed:>7} "
-            f"{mem:>9} {r['rel_err_vs_float64']:>8.1e}"
+            f"{r['workload']:<14} {r['variant']:<19} "
+            + " ".join(f"{cell[name]:>{width}}" for name, width in cols)
         )
     return "\n".join(lines)
 
@@ -587,7 +603,6 @@ def main(argv=None):
     )
     print(format_rows(rows))
     import sys
-
 
     record = dict(
         command="python -m mlbook bench "
