@@ -338,22 +338,23 @@ def paper_numbers(method: str, way: int, shot: int) -> dict:
     return {"transductive": PAPER.get((method, way, shot)), "one_query_at_a_time": None}
 
 
-def table(results) -> str:
-    """A plain-text table of results next to the papers' numbers, by protocol."""
+def table(results, protocols=("transductive", "one_query_at_a_time")) -> str:
+    """A plain-text table of results next to the papers' numbers, by protocol
+    (both by default; name one for a table half as wide)."""
     def cell(pair):
         return f"{pair[0]:6.2f} +- {pair[1]:<5.2f}" if pair else f"{'-':>6}{'':9}"
 
-    lines = [f"{'':22} {'':>13} {'transductive':^31} {'one query at a time':^31}",
-             f"{'cell':<22} {'iterations':>13} {'ours':^15} {'paper':^15} "
-             f"{'ours':^15} {'paper':^15}"]
+    titles = {"transductive": "transductive",
+              "one_query_at_a_time": "one query at a time"}
+    lines = [f"{'':22} {'':>10}" + "".join(f" {titles[p]:^31}" for p in protocols),
+             f"{'cell':<22} {'iterations':>10}"
+             + f" {'ours':^15} {'paper':^15}" * len(protocols)]
     for r in results:
         s = r["settings"]
         paper = paper_numbers(s["method"], s["way"], s["shot"])
         iters = f"{r['train']['iterations']}/{r['paper_iterations'] // 1000}k"
-        lines.append(f"{r['name']:<22} {iters:>13} {cell(headline(r))} "
-                     f"{cell(paper['transductive'])} "
-                     f"{cell(headline(r, 'one_query_at_a_time'))} "
-                     f"{cell(paper['one_query_at_a_time'])}")
+        lines.append(f"{r['name']:<22} {iters:>10}" + "".join(
+            f" {cell(headline(r, p))} {cell(paper[p])}" for p in protocols))
     return "\n".join(lines)
 
 
