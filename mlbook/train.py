@@ -110,6 +110,13 @@ def meta_train(
             if cuda_graph
             else torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         )
+    if cuda_graph and optimizer is not None and not all(
+        g.get("capturable", False) for g in optimizer.param_groups
+    ):
+        raise ValueError(
+            "cuda_graph=True needs an optimizer built with capturable=True, e.g. "
+            "torch.optim.Adam(params, lr, capturable=True)"
+        )
     generator = torch.Generator().manual_seed(seed)
     config = dict(
         learner=type(learner).__name__,

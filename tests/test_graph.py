@@ -32,8 +32,14 @@ class Episodes:
         return episodes(num_tasks, 5, k_support, k_query, seed).to(device)
 
 
-def test_cuda_graph_needs_a_cuda_device():
-    maml = ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, inner_lr=0.01)
+def test_cuda_graph_needs_a_cuda_device_and_a_capturable_optimizer():
+    net = ml.models.MLP(1, (8,), 1)
+    maml = ml.MAML(net, F.mse_loss, inner_lr=0.01)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="capturable=True"):
+            ml.meta_train(maml, ml.tasks.Sinusoid(), 2, device="cuda",
+                          optimizer=torch.optim.Adam(net.parameters()),
+                          cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         ml.meta_train(
             maml, ml.tasks.Sinusoid(), 2, device="cpu", cuda_graph=True, progress=False
