@@ -17,7 +17,8 @@ replaying recorded kernels (each is checked before anything runs):
 * The optimizer, if any, must be built with ``capturable=True`` (Adam, AdamW).
 * Nothing in the step may read a value on the host: the learner's
   ``check_finite`` is off inside the graph, so the caller checks the returned
-  loss (``meta_train`` does, every step).
+  loss (``meta_train`` reads the losses back every 50 steps and refuses a
+  non-finite one, before any checkpoint is written).
 * Host-side settings are frozen at capture, except those a learner keeps in a
   device tensor (``AnnealedReptile`` keeps its outer step size there, set by
   ``prepare_step`` before each replay).
@@ -65,7 +66,6 @@ class GraphedStep:
                 "the optimizer must be built with capturable=True to be replayed "
                 "in a CUDA graph, e.g. torch.optim.Adam(params, lr, capturable=True)"
             )
-        self.learner, self.optimizer = learner, optimizer
         self.static = TaskBatch(*(getattr(batch, f).clone() for f in _FIELDS))
 
         saved_params = [p.detach().clone() for p in params]
