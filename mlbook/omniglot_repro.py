@@ -162,38 +162,24 @@ def _trainer(s, learner, iterations):
     return learner
 
 
-def _cpu_seconds_per_iteration(s, train, device, probe=3) -> float:
-    """CPU seconds of one meta-iteration, timed on throw-away iterations."""
-    learner = make_learner(s)
-    trainer = _trainer(s, learner, 1)
-    meta_train(trainer, train, 1, num_tasks=s["meta_batch"], k_support=s["k_support"],
-               k_query=s["k_query"], outer_lr=s["outer_lr"], seed=1, device=device,
-               progress=False)  # warm-up
-    start = time.process_time()
-    meta_train(trainer, train, probe, num_tasks=s["meta_batch"],
-               k_support=s["k_support"], k_query=s["k_query"], outer_lr=s["outer_lr"],
-               seed=2, device=device, progress=False)
-    return (time.process_time() - start) / probe
-
-
-def _wall_seconds_per_iteration(s, train, device, cuda_graph, conv_impl,
-                                short=5, long=25) -> float:
-    """Wall seconds of one meta-iteration on ``device``: two throw-away runs of
-    ``short`` and ``long`` iterations, so start-up (a graph capture, say)
-    cancels out of the difference."""
+def _seconds_per_iteration(s, train, device, cuda_graph=False, conv_impl="grouped",
+                           clock=time.perf_counter, short=5, long=25) -> float:
+    """Seconds of one meta-iteration on ``clock`` (wall or CPU time): two
+    throw-away runs of ``short`` and ``long`` iterations, so start-up (a graph
+    capture, say) cancels out of the difference."""
     def timed(n, seed):
         learner = make_learner(s, conv_impl=conv_impl)
         trainer = _trainer(s, learner, n)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         meta_train(trainer, train, n, num_tasks=s["meta_batch"],
                    k_support=s["k_support"], k_query=s["k_query"],
                    outer_lr=s["outer_lr"], seed=seed, device=device, progress=False,
                    cuda_graph=cuda_graph)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     timed(short, 1)  # warm-up: library handles, kernel selection
     return max((timed(long, 2) - timed(short, 3)) / (long - short), 1e-6)
@@ -246,14 +232,15 @@ def run(method="maml", way=5, shot=1, iterations=None, cpu_minutes=None, seed=0,
     test = fewshot.omniglot("test", way, data=data)
     per_it = wall_per_it = None
     if iterations is None and minutes is not None:
-        wall_per_it = _wall_seconds_per_iteration(s, train, device, cuda_graph,
-                                                  conv_impl)
+        wall_per_it = _seconds_per_iteration(s, train, device, cuda_graph, conv_impl)
         iterations = max(1, int(minutes * 60 / wall_per_it))
         if progress:
             print(f"{1e3 * wall_per_it:.1f} ms / iteration -> {iterations} iterations "
                   f"in {minutes} minutes", file=sys.stderr)
     if iterations is None and cpu_minutes is not None:
-        per_it = _cpu_seconds_per_iteration(s, train, device)
+        # CPU runs are slow: fewer throw-away iterations (1, then 1 and 4)
+        per_it = _seconds_per_iteration(s, train, device, cuda_graph, conv_impl,
+                                        clock=time.process_time, short=1, long=4)
         iterations = max(1, int(cpu_minutes * 60 / per_it))
         if progress:
             print(f"{per_it:.2f} CPU s / iteration -> {iterations} iterations in "

@@ -141,3 +141,21 @@ def test_conv_impl_is_checked_and_only_conv4_gets_the_batched_forward():
 
     assert ml.MAML(ml.models.Conv4(1, 5), F.cross_entropy, 0.4)._conv_plan
     assert ml.MAML(MyConv4(1, 5), F.cross_entropy, 0.4)._conv_plan is None
+
+
+def test_seconds_per_iteration_probe_on_wall_and_cpu_clocks():
+    # --minutes and --cpu-minutes pick iterations from this probe
+    import time
+
+    import torch
+
+    from mlbook import fewshot, omniglot_repro
+
+    s = dict(omniglot_repro.settings("fomaml", 5, 1), meta_batch=1)
+    images = torch.randint(0, 256, (20, 20, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    train = fewshot.FewShot(images, 5)
+    for clock in (time.perf_counter, time.process_time):
+        per_it = omniglot_repro._seconds_per_iteration(
+            s, train, torch.device("cpu"), clock=clock, short=1, long=4)
+        assert 1e-4 < per_it < 30, clock
