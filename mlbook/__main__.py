@@ -45,7 +45,7 @@ def main(argv=None):
         "--compile",
         action="store_true",
         help="MAML and first-order MAML steps through torch.compile (CPU; "
-        "about 20 s to compile, then about half the time per step)",
+        "about 20 s to compile, then about a fourth of the time per step)",
     )
     s.add_argument(
         "--ship",

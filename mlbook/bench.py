@@ -550,7 +550,8 @@ def main(argv=None):
         "--compile",
         action="store_true",
         help="CPU: add mlbook with MAML(compile=True) (torch.compile of the "
-        "closed-form MLP meta-gradient; compiling takes some 20 s, not timed)",
+        "closed-form MLP meta-gradient and the Adam update, as one call; "
+        "compiling takes some 20 s, not timed)",
     )
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)

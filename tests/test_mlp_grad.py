@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlbook as ml
-from mlbook.mlp_grad import relu_mlp_meta_grad
+from mlbook.mlp_grad import adam_update, maml_adam_step, relu_mlp_meta_grad
 
 
 def regression_batch(tasks, k, q, d_in, d_out, seed, dtype=torch.float64):
@@ -40,11 +40,13 @@ def autograd_step_grads(net, batch, alpha, first_order):
     return loss, torch.autograd.grad(loss, list(params.values()))
 
 
-@pytest.mark.parametrize("hidden", [(), (7,), (40, 40), (5, 6, 4)])
+@pytest.mark.parametrize("hidden", [(), (7,), (40, 40), (5, 6, 4), (1, 4)])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_closed_form_equals_autograd_in_float64(hidden, first_order):
-    net = ml.models.MLP(2, hidden, 3).double()
-    batch = regression_batch(4, 6, 9, 2, 3, seed=len(hidden))
+# sizes of 1 take the broadcast (not matrix-product) branches of mlp_grad
+@pytest.mark.parametrize("d_in,d_out", [(2, 3), (1, 1)])
+def test_closed_form_equals_autograd_in_float64(hidden, first_order, d_in, d_out):
+    net = ml.models.MLP(d_in, hidden, d_out).double()
+    batch = regression_batch(4, 6, 9, d_in, d_out, seed=len(hidden))
     expected_loss, expected = autograd_step_grads(net, batch, 0.3, first_order)
     linears = [m for m in net if isinstance(m, nn.Linear)]
     loss, g_w, g_b = relu_mlp_meta_grad(
@@ -133,4 +135,114 @@ def test_compiled_step_gives_the_eager_step():
         maml.step(b, torch.optim.SGD(net.parameters(), lr=0.0))
         grads.append([p.grad for p in net.parameters()])
     for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_update_equals_torch_adam_in_float64(weight_decay):
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(4, 3), (3,)]]
+    mine = [p.clone() for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.Adam(
+        theirs, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay
+    )
+    state = (
+        [torch.zeros_like(p) for p in mine],
+        [torch.zeros_like(p) for p in mine],
+        [torch.tensor(0.0) for _ in mine],
+    )
+    hyper = (0.8, 0.95, 1e-6, weight_decay)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in mine]
+        adam_update(
+            mine,
+            grads,
+            *state,
+            torch.tensor(0.05, dtype=torch.float64),
+            hyper,
+            torch.tensor(True),
+        )
+        for p, gr in zip(theirs, grads):
+            p.grad = gr.clone()
+        opt.step()
+    for i, p in enumerate(theirs):
+        st = opt.state[p]
+        torch.testing.assert_close(mine[i], p.detach(), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(state[0][i], st["exp_avg"], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(
+            state[1][i], st["exp_avg_sq"], rtol=1e-13, atol=1e-15
+        )
+        assert state[2][i].item() == st["step"].item() == 4
+
+
+def test_fused_step_leaves_everything_as_it_was_when_the_loss_is_not_finite():
+    net = ml.models.MLP(1, (8,), 1)
+    batch = regression_batch(2, 5, 5, 1, 1, seed=0, dtype=torch.float32)
+    batch.x_query[0, 0, 0] = float("nan")
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    weights = [m.weight.detach() for m in linears]
+    biases = [m.bias.detach() for m in linears]
+    params = weights + biases
+    state = (
+        [torch.ones_like(p) for p in params],
+        [torch.ones_like(p) for p in params],
+        [torch.tensor(3.0) for _ in params],
+    )
+    before = [t.clone() for t in params + state[0] + state[1] + state[2]]
+    loss, _, _ = maml_adam_step(
+        weights,
+        biases,
+        state,
+        batch.x_support,
+        batch.y_support,
+        batch.x_query,
+        batch.y_query,
+        0.1,
+        False,
+        torch.tensor(0.1, dtype=torch.float64),
+        (0.9, 0.999, 1e-8, 0.0),
+    )
+    assert not torch.isfinite(loss)
+    for a, b in zip(params + state[0] + state[1] + state[2], before):
+        assert torch.equal(a, b)
+
+
+def test_fused_adam_only_for_a_plain_adam_over_exactly_the_model():
+    net = ml.models.MLP(1, (8,), 1)
+    params = list(net.parameters())
+    maml = ml.MAML(net, F.mse_loss, 0.1, compile=True)
+    assert maml._adam(torch.optim.Adam(params), params) is not None
+    assert ml.MAML(net, F.mse_loss, 0.1)._adam(torch.optim.Adam(params), params) is None
+    for opt in (
+        torch.optim.AdamW(params),
+        torch.optim.Adam(params, amsgrad=True),
+        torch.optim.Adam(params, maximize=True),
+        torch.optim.Adam(params[:2]),
+        torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}]),
+        torch.optim.SGD(params, lr=0.1),
+    ):
+        assert maml._adam(opt, params) is None
+
+
+def test_compiled_adam_step_gives_torch_adam_and_keeps_its_state_format():
+    # Three compiled steps (meta-gradient and Adam in one call), then two eager
+    # steps with torch's own Adam on the same optimizer, must give five eager
+    # steps: the state the fused step keeps is Adam's. Without a C++ compiler
+    # the fused function runs eagerly, which this accepts too.
+    b = ml.tasks.Sinusoid().sample(
+        25, 10, 10, generator=torch.Generator().manual_seed(2)
+    )
+    finals = []
+    for compiled_steps in (0, 3):
+        torch.manual_seed(0)
+        net = ml.models.MLP(1, (40, 40), 1)
+        opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=1e-3)
+        maml = ml.MAML(net, F.mse_loss, inner_lr=0.01, compile=True)
+        for i in range(5):
+            maml.compile = i < compiled_steps
+            maml.step(b, opt)
+        finals.append([p.detach().clone() for p in net.parameters()])
+        assert all(opt.state[p]["step"].item() == 5 for p in net.parameters())
+    for a, c in zip(*finals):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
