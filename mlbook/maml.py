@@ -53,6 +53,7 @@ class MAML(InnerLoop):
     def __init__(self, *args, compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.compile = bool(compile)
+        self._lr = None  # (learning rate, the same as a tensor) for maml_adam_step
 
     def meta_loss(self, batch: TaskBatch, reduce: bool = True) -> torch.Tensor:
         """Mean query loss after ``inner_steps`` steps on each support set.
@@ -145,9 +146,8 @@ class MAML(InnerLoop):
             or any(torch.is_tensor(b) for b in group["betas"])
         ):
             return None
-        states = []
-        for p in params:
-            st = optimizer.state[p]
+        states = [optimizer.state[p] for p in params]
+        for p, st in zip(params, states):
             if not st:  # what Adam's first step would make
                 st["step"] = torch.tensor(0.0, dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -156,12 +156,16 @@ class MAML(InnerLoop):
                 )
             if not torch.is_tensor(st["step"]) or st["step"].device != p.device:
                 return None
-            states.append(st)
         state = tuple(
-            [st[k].detach() for st in states] for k in ("exp_avg", "exp_avg_sq", "step")
+            [st[k] for st in states] for k in ("exp_avg", "exp_avg_sq", "step")
         )
         beta1, beta2 = group["betas"]
-        lr = torch.as_tensor(group["lr"], dtype=torch.float64).detach()
+        if self._lr is None or self._lr[0] != group["lr"]:  # one tensor per value
+            self._lr = (
+                group["lr"],
+                torch.tensor(float(group["lr"]), dtype=torch.float64),
+            )
+        lr = self._lr[1]
         return state, lr, (beta1, beta2, group["eps"], group["weight_decay"])
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
