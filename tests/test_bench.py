@@ -59,7 +59,8 @@ def test_shipped_records_name_their_command_and_device():
         if "h200" in name:
             assert r["device_name"] == "NVIDIA H200", name
         else:
-            assert r["device"] == "cpu" and r["threads"] == 1, name
+            threads = 2 if name.endswith("-2threads") else 1
+            assert r["device"] == "cpu" and r["threads"] == threads, name
     with pytest.raises(ValueError, match="no benchmark record"):
         bench.load_record("bench-tpu")
 
@@ -104,22 +105,26 @@ def test_readme_speed_table_matches_the_record():
     assert seen == len(workloads)
 
 
-def test_readme_cpu_table_matches_the_record():
-    rows = {
-        r["variant"]: r["ms_per_step"]
-        for r in bench.load_record("bench-cpu")["rows"]
-        if r["workload"] == "sinusoid"
-    }
-    line = next(
-        line
-        for line in (ROOT / "README.md").read_text().splitlines()
-        if line.startswith("| sinusoid MAML") and line.count("|") == 6
-    )
-    cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-    for variant, cell in zip(
-        ["per-task loop", "torch.func vmap", "mlbook", "mlbook compiled"], cells
-    ):
-        assert float(cell) == round(rows[variant], 2), variant
+def test_readme_cpu_table_matches_the_records():
+    seen = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith(("| 1 |", "| 2 |")):  # rows: CPU threads, ms...
+            continue
+        threads, *cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        name = {"1": "bench-cpu", "2": "bench-cpu-2threads"}[threads]
+        record = bench.load_record(name)
+        assert record["threads"] == int(threads)
+        rows = {
+            r["variant"]: r["ms_per_step"]
+            for r in record["rows"]
+            if r["workload"] == "sinusoid"
+        }
+        for variant, cell in zip(
+            ["per-task loop", "torch.func vmap", "mlbook", "mlbook compiled"], cells
+        ):
+            assert float(cell) == round(rows[variant], 2), (name, variant)
+        seen.add(name)
+    assert seen == {"bench-cpu", "bench-cpu-2threads"}
 
 
 def test_readme_omniglot_claim_matches_the_shipped_record():
@@ -152,10 +157,16 @@ def test_seconds_per_iteration_probe_on_wall_and_cpu_clocks():
     from mlbook import fewshot, omniglot_repro
 
     s = dict(omniglot_repro.settings("fomaml", 5, 1), meta_batch=1)
-    images = torch.randint(0, 256, (20, 20, 28, 28), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0,
+        256,
+        (20, 20, 28, 28),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )
     train = fewshot.FewShot(images, 5)
     for clock in (time.perf_counter, time.process_time):
         per_it = omniglot_repro._seconds_per_iteration(
-            s, train, torch.device("cpu"), clock=clock, short=1, long=4)
+            s, train, torch.device("cpu"), clock=clock, short=1, long=4
+        )
         assert 1e-4 < per_it < 30, clock
