@@ -143,7 +143,7 @@ class MAML(InnerLoop):
             or group["capturable"]
             or group["differentiable"]
             or group.get("decoupled_weight_decay", False)
-            or any(torch.is_tensor(b) for b in group["betas"])
+            or any(torch.is_tensor(h) for h in (group["lr"], *group["betas"]))
         ):
             return None
         states = [optimizer.state[p] for p in params]
@@ -161,10 +161,7 @@ class MAML(InnerLoop):
         )
         beta1, beta2 = group["betas"]
         if self._lr is None or self._lr[0] != group["lr"]:  # one tensor per value
-            self._lr = (
-                group["lr"],
-                torch.tensor(float(group["lr"]), dtype=torch.float64),
-            )
+            self._lr = (group["lr"], torch.tensor(group["lr"], dtype=torch.float64))
         lr = self._lr[1]
         return state, lr, (beta1, beta2, group["eps"], group["weight_decay"])
 

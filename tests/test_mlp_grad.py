@@ -218,6 +218,7 @@ def test_fused_adam_only_for_a_plain_adam_over_exactly_the_model():
         torch.optim.AdamW(params),
         torch.optim.Adam(params, amsgrad=True),
         torch.optim.Adam(params, maximize=True),
+        torch.optim.Adam(params, lr=torch.tensor(0.01)),
         torch.optim.Adam(params[:2]),
         torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}]),
         torch.optim.SGD(params, lr=0.1),
