@@ -18,10 +18,12 @@ def fresh(method="maml"):
     net = ml.models.MLP(1, (16, 16), 1)
     if method == "reptile":
         return ml.Reptile(net, F.mse_loss, inner_lr=0.02, inner_steps=2, outer_lr=0.1)
-    return ml.MAML(net, F.mse_loss, inner_lr=0.01, inner_steps=1)
+    # compiled: meta-gradient and Adam in one call, Adam's state in the optimizer
+    compile = method == "maml-compiled"
+    return ml.MAML(net, F.mse_loss, inner_lr=0.01, inner_steps=1, compile=compile)
 
 
-@pytest.mark.parametrize("method", ["maml", "reptile"])
+@pytest.mark.parametrize("method", ["maml", "reptile", "maml-compiled"])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, method):
     dist = ml.tasks.Sinusoid()
     straight = fresh(method)
