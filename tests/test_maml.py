@@ -116,8 +116,9 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     if impl == "vmap":
         maml._conv_plan = None  # what every other model runs
     else:
-        maml = ml.MAML(net, F.cross_entropy, inner_lr=alpha, inner_steps=steps,
-                       conv_impl=impl)
+        maml = ml.MAML(
+            net, F.cross_entropy, inner_lr=alpha, inner_steps=steps, conv_impl=impl
+        )
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
 
@@ -256,3 +257,43 @@ def test_meta_training_learns_the_sinusoid():
     ml.meta_train(maml, dist, 300, progress=False, device="cpu")
     after = ml.evaluate(maml, dist, steps=(1,), num_tasks=100, seed=1).mean[0]
     assert after < 0.8 * before
+
+
+@pytest.mark.parametrize("tasks_per_pass", [1, 2, 4])
+def test_step_in_several_passes_gives_the_one_pass_meta_gradient(tasks_per_pass):
+    gen = torch.Generator().manual_seed(5)
+    tasks, n_way = 4, 3
+    x_s = torch.randn(tasks, n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    x_q = torch.randn(tasks, 2 * n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y_s = torch.arange(n_way).expand(tasks, -1)
+    y_q = torch.arange(n_way).repeat(2).expand(tasks, -1)
+    batch = ml.TaskBatch(x_s, y_s, x_q, y_q)
+    net = ml.models.Conv4(1, n_way, hidden=8).double()
+    one = ml.MAML(net, F.cross_entropy, inner_lr=0.4, tasks_per_pass=tasks)
+    assert len(one._passes(batch)) == 1
+    loss = one.meta_loss(batch)
+    loss.backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    split = ml.MAML(net, F.cross_entropy, inner_lr=0.4, tasks_per_pass=tasks_per_pass)
+    assert len(split._passes(batch)) == tasks // tasks_per_pass
+    got = split.step(batch, torch.optim.SGD(net.parameters(), lr=0.0))
+    torch.testing.assert_close(got, loss.detach(), rtol=1e-12, atol=0)
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-13)
+
+
+def test_tasks_per_pass_default_and_checks():
+    conv = ml.MAML(ml.models.Conv4(1, 5, hidden=8), F.cross_entropy, 0.4)
+    mlp = ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, 0.1, inner_steps=2)
+    images = ml.TaskBatch(
+        torch.zeros(6, 5, 1, 28, 28),
+        torch.zeros(6, 5, dtype=torch.long),
+        torch.zeros(6, 5, 1, 28, 28),
+        torch.zeros(6, 5, dtype=torch.long),
+    )
+    points = ml.TaskBatch(*(torch.zeros(6, 4, 1) for _ in range(4)))
+    assert len(conv._passes(images)) == 6  # Conv4 on the CPU: task by task
+    assert len(mlp._passes(points)) == 1  # the rest: all tasks in one pass
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="tasks_per_pass"):
+            ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, 0.1, tasks_per_pass=bad)
