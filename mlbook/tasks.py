@@ -81,7 +81,11 @@ class TaskBatch:
 
     def task(self, i: int) -> TaskBatch:
         """Task ``i`` as a batch of one (keeps the leading dim)."""
-        pick = lambda v: v[i : i + 1] if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return self.tasks(slice(i, i + 1))
+
+    def tasks(self, s: slice) -> TaskBatch:
+        """The tasks ``s`` (a slice of the leading dim) as a batch."""
+        pick = lambda v: v[s] if isinstance(v, torch.Tensor) else v  # noqa: E731
         return TaskBatch(
             pick(self.x_support),
             pick(self.y_support),

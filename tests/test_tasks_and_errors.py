@@ -191,3 +191,13 @@ def test_inner_update_is_the_hook_for_new_inner_rules():
     assert all(r.grad is not None and r.grad != 0 for r in learner.rates.values())
     plain = ml.MAML(net, F.mse_loss, inner_lr=0.01).meta_loss(batch)
     torch.testing.assert_close(learner.meta_loss(batch), plain)
+
+
+def test_task_and_tasks_pick_along_the_task_dim_with_info():
+    b = ml.tasks.Sinusoid().sample(5, 3, 2, generator=torch.Generator().manual_seed(0))
+    part = b.tasks(slice(1, 4))
+    assert part.num_tasks == 3 and part.x_query.shape == (3, 2, 1)
+    assert torch.equal(part.y_support, b.y_support[1:4])
+    assert torch.equal(part.info["phase"], b.info["phase"][1:4])
+    one = b.task(4)
+    assert one.num_tasks == 1 and torch.equal(one.x_support, b.x_support[4:])
