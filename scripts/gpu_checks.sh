@@ -12,7 +12,8 @@
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" times the levers of `bench --experiments`,
-# full-float32 and cudnn.benchmark runs, and profiles one step; TESTS picks the
+# full-float32 and cudnn.benchmark runs, the compiled torch.func meta-gradient
+# of `bench --compile`, and profiles one step; TESTS picks the
 # test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
@@ -77,6 +78,11 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   timeout 60 $py -m mlbook bench --workloads conv4 --no-tf32-conv \
     --skip "per-task loop,torch.func vmap,vmap + graph,higher" --rounds 3 \
     --round-seconds 0.15 --out "$out/bench_fp32.json"
+  say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
+  timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \
+    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_compiled.json"
+  echo "bench exit $?"
   say "profile of one eager step"
   timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
     --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
