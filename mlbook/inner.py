@@ -42,11 +42,45 @@ _ELEMENTWISE = (
 )
 
 
+def _shares_modules(seq: nn.Sequential) -> bool:
+    # named_children() lists a module used twice only once: a plan built from
+    # it would silently drop the second use (a reused ReLU). A parameter shared
+    # by two layers has one name only, which the plans' lookups cannot find.
+    n_params = len(list(seq.named_parameters(remove_duplicate=False)))
+    return len(list(seq.named_children())) != len(seq._modules) or n_params != len(
+        list(seq.named_parameters())
+    )
+
+
+def _check_no_reused_weighted_module(model: nn.Module):
+    """One module with parameters at two places in the model is refused:
+    torch.func.functional_call (how adaptation runs a model on copies of its
+    parameters) swaps that module's tensors twice and restores them wrongly,
+    leaving the copies in the model (seen in torch 2.13)."""
+    first = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not any(True for _ in m.parameters(recurse=False)) and not any(
+            True for _ in m.buffers(recurse=False)
+        ):
+            continue
+        if id(m) in first:
+            raise ValueError(
+                f"the model uses its module {first[id(m)]!r} again at {name!r}; "
+                "adapting copies of its parameters would leave them in the model "
+                "(torch.func.functional_call cannot swap a module used twice). "
+                "Use a separate module at each place, and tie their parameters "
+                "(b.weight = a.weight) if they are meant to be shared"
+            )
+        first[id(m)] = name
+
+
 def _sequential_plan(model: nn.Module):
     """For an ``nn.Sequential`` of Linear layers and elementwise activations
     (``mlbook.models.MLP``), the layer list the fast batched forward walks;
     None for any other model, which then runs under ``vmap``."""
     if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return None
+    if _shares_modules(model):
         return None
     plan = []
     for name, layer in model.named_children():
@@ -65,7 +99,7 @@ def _conv_plan(model: nn.Module):
     None for any other model."""
     from .models import Conv4  # models imports nothing from here
 
-    if type(model) is not Conv4:
+    if type(model) is not Conv4 or _shares_modules(model.features):
         return None
     plan = []
     for name, layer in model.features.named_children():
@@ -142,6 +176,7 @@ class InnerLoop:
             raise TypeError("loss_fn must be callable as loss_fn(prediction, target)")
         if not any(True for _ in model.parameters()):
             raise ValueError("model has no parameters to adapt")
+        _check_no_reused_weighted_module(model)
         self.model = model
         self.loss_fn = loss_fn
         self.inner_lr = _positive("inner_lr", inner_lr)
@@ -193,6 +228,18 @@ class InnerLoop:
             raise ValueError(f"params lacks the model's parameter {name!r}")
         return params[name].dim() == p.dim() + 1
 
+    def _check_params_for(self, params: dict, x: torch.Tensor, batched: bool) -> bool:
+        """Whether ``params`` hold a batch of tasks; then ``x`` must be a
+        batch of as many tasks."""
+        params_batched = self._is_batched_params(params)
+        if params_batched and not batched:
+            raise ValueError("params hold a batch of tasks but x is one task")
+        if params_batched:
+            t = next(iter(params.values())).shape[0]
+            if t != x.shape[0]:
+                raise ValueError(f"params hold {t} tasks but x holds {x.shape[0]}")
+        return params_batched
+
     # -- checks ---------------------------------------------------------------
     def _task_rank(self, x: torch.Tensor, name: str) -> bool:
         """True when ``x`` is a batch of tasks, False when it is one task."""
@@ -210,15 +257,24 @@ class InnerLoop:
                 f"{d} example dim(s), i.e. {d + 1} or {d + 2} dims; got shape "
                 f"{tuple(x.shape)}"
             )
-        device = next(self.model.parameters()).device
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but the model is on {device}")
+        param = next(self.model.parameters())
+        if x.device != param.device:
+            raise ValueError(
+                f"{name} is on {x.device} but the model is on {param.device}"
+            )
+        if x.dtype != param.dtype:
+            raise ValueError(
+                f"{name} is {x.dtype} but the model's parameters are {param.dtype}; "
+                f"convert one of them (x.to({param.dtype}) or model.to({x.dtype}))"
+            )
         return x.dim() == d + 2
 
     def _check_pair(self, x, y, xname, yname, allow_empty=False) -> bool:
         batched = self._task_rank(x, xname)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{yname} must be a torch.Tensor, got {type(y).__name__}")
+        if y.device != x.device:
+            raise ValueError(f"{yname} is on {y.device} but {xname} is on {x.device}")
         lead = 2 if batched else 1
         if tuple(y.shape[:lead]) != tuple(x.shape[:lead]):
             raise ValueError(
@@ -306,15 +362,22 @@ class InnerLoop:
             elif kind == "norm":
                 g, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
                 h = F.batch_norm(
-                    h, None, None,
+                    h,
+                    None,
+                    None,
                     None if g is None else g.reshape(-1),
                     None if b is None else b.reshape(-1),
-                    training=True, eps=layer.eps,
+                    training=True,
+                    eps=layer.eps,
                 )
             elif kind == "pool":
                 h = F.max_pool2d(
-                    h, layer.kernel_size, layer.stride, layer.padding,
-                    layer.dilation, layer.ceil_mode,
+                    h,
+                    layer.kernel_size,
+                    layer.stride,
+                    layer.padding,
+                    layer.dilation,
+                    layer.ceil_mode,
                 )
             elif kind == "act":
                 h = layer(h)
@@ -332,14 +395,21 @@ class InnerLoop:
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
         if self.conv_impl == "grouped":
             return F.conv2d(
-                h, w.reshape(-1, *w.shape[2:]),
+                h,
+                w.reshape(-1, *w.shape[2:]),
                 None if b is None else b.reshape(-1),
-                layer.stride, layer.padding, layer.dilation, groups=t,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups=t,
             )
         # unfold + bmm: patches [T, C*k*k, N*L] times filters [T, C_out, C*k*k]
         n, _, height, width = h.shape
         k, pad, stride, dil = (
-            layer.kernel_size, layer.padding, layer.stride, layer.dilation
+            layer.kernel_size,
+            layer.padding,
+            layer.stride,
+            layer.dilation,
         )
         cols = F.unfold(h, k, dil, pad, stride)  # [N, T*C*k*k, L]
         length = cols.shape[-1]
@@ -356,6 +426,12 @@ class InnerLoop:
     def _losses(self, params, buffers, x, y, batched, params_batched):
         """Loss of each task ``[T]`` (a scalar for one task)."""
         pred = self._forward(params, buffers, x, batched, params_batched)
+        if self.loss_fn is F.mse_loss and pred.shape != y.shape:
+            # mse_loss would broadcast [T, K, 1] against [T, K] into nonsense
+            raise ValueError(
+                f"targets of shape {tuple(y.shape)} for predictions of shape "
+                f"{tuple(pred.shape)}: mean squared error needs the same shape"
+            )
         if not batched:
             return self.loss_fn(pred, y)
         if self.loss_fn is F.mse_loss:  # the mean over each task's points
@@ -404,6 +480,8 @@ class InnerLoop:
                     params = {k: p.detach().requires_grad_() for k, p in params.items()}
         if not differentiable:
             params = {k: p.detach() for k, p in params.items()}
+        if steps == 0:  # new tensors, never the model's own (or views of them)
+            params = {k: p.clone() for k, p in params.items()}
         return params
 
     # -- public API -------------------------------------------------------------
@@ -445,8 +523,7 @@ class InnerLoop:
         first_order = self.first_order if first_order is None else first_order
         batched = self._check_pair(x_support, y_support, "x_support", "y_support")
         params = self.params() if params is None else params
-        if self._is_batched_params(params) and not batched:
-            raise ValueError("params hold a batch of tasks but x_support is one task")
+        self._check_params_for(params, x_support, batched)
         return self._adapt(
             params, self._buffers(), x_support, y_support, steps, first_order, batched
         )
@@ -454,14 +531,11 @@ class InnerLoop:
     def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """f_params(x) for one task or a batch (``params`` from ``adapt``)."""
         batched = self._task_rank(x, "x")
-        params_batched = self._is_batched_params(params)
-        if params_batched and not batched:
-            raise ValueError("params hold a batch of tasks but x is one task")
+        params_batched = self._check_params_for(params, x, batched)
         return self._forward(params, self._buffers(), x, batched, params_batched)
 
     def task_losses(self, params: dict, x, y) -> torch.Tensor:
         """Loss of each task ``[T]`` (or a scalar for one task) at ``params``."""
         batched = self._check_pair(x, y, "x", "y")
-        return self._losses(
-            params, self._buffers(), x, y, batched, self._is_batched_params(params)
-        )
+        params_batched = self._check_params_for(params, x, batched)
+        return self._losses(params, self._buffers(), x, y, batched, params_batched)

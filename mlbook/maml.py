@@ -9,9 +9,9 @@ and its meta-gradient, by the chain rule through the inner step:
 
     grad_theta L^query(theta') = (I - alpha * H_support(theta)) grad L^query(theta')
 
-``MAML.meta_loss`` builds exactly this (through every inner step): ``vmap``
-batches the tasks, autograd keeps the inner gradients' graph; first-order
-MAML drops the Hessian term. Introduced in
+``MAML.meta_loss`` builds exactly this (through every inner step): one batched
+forward pass over the tasks, autograd keeping the inner gradients' graph;
+first-order MAML drops the Hessian term. Introduced in
 ``book/04_maml``.
 """
 
@@ -57,9 +57,28 @@ class MAML(InnerLoop):
     """
 
     def __init__(
-        self, *args, compile: bool = False, tasks_per_pass: int | None = None, **kwargs
+        self,
+        model: nn.Module,
+        loss_fn,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        example_dims: int | None = None,
+        check_finite: bool = True,
+        conv_impl: str = "grouped",
+        compile: bool = False,
+        tasks_per_pass: int | None = None,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            model,
+            loss_fn,
+            inner_lr,
+            inner_steps,
+            first_order,
+            example_dims,
+            check_finite,
+            conv_impl,
+        )
         self.compile = bool(compile)
         if tasks_per_pass is not None:
             _positive("tasks_per_pass", tasks_per_pass, int)
@@ -69,8 +88,9 @@ class MAML(InnerLoop):
     def meta_loss(self, batch: TaskBatch, reduce: bool = True) -> torch.Tensor:
         """Mean query loss after ``inner_steps`` steps on each support set.
 
-        All tasks run at once (``vmap`` over the task dim). With
-        ``reduce=False`` the per-task losses ``[T]`` are returned.
+        All tasks run in one batched forward pass (see ``InnerLoop``); autograd
+        keeps the inner steps' graph. With ``reduce=False`` the per-task losses
+        ``[T]`` are returned.
         """
         self._check_meta_batch(batch)
         # theta'_T for every task at once, differentiable w.r.t. theta through
@@ -211,6 +231,11 @@ class MAML(InnerLoop):
         """``meta_step`` without the host sync: returns the loss as a tensor on
         the model's device. Capturable in a CUDA graph (``mlbook.graph``)."""
         self._check_meta_batch(batch)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "MAML's outer update needs a torch.optim.Optimizer over the model's "
+                f"parameters, got {type(optimizer).__name__}"
+            )
         layers = self._explicit_layers(batch)
         adam = None if layers is None else self._adam(optimizer, sum(layers, []))
         if adam is None:  # (the fused step below sets every parameter's grad)

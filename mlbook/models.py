@@ -34,10 +34,13 @@ class MLP(nn.Sequential):
 
 
 class Conv4(nn.Module):
-    """The 4-block CNN of the MAML paper for Omniglot (and miniImageNet).
+    """The 4-block CNN of few-shot learning (Vinyals et al., 2016) that MAML
+    uses.
 
     Each block is conv 3x3 (``hidden`` channels) -> BatchNorm -> ReLU -> 2x2
     max-pool; a linear layer maps the flattened features to ``num_classes``.
+    (The MAML paper pools like this on miniImageNet; for Omniglot it uses
+    stride-2 convolutions in place of the pooling. mlbook pools on both.)
     For 28x28 inputs the features are ``hidden`` x 1 x 1.
 
     BatchNorm keeps **no running statistics** (``track_running_stats=False``):

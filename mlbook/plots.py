@@ -48,13 +48,21 @@ def sinusoid_fits(
 
 
 def learning_curves(curves: dict, window: int = 100, ax=None, log: bool = True):
-    """Smoothed loss curves ``{label: losses}`` against meta-iteration."""
+    """Smoothed loss curves ``{label: losses}`` against meta-iteration; each
+    point is the mean of the ``window`` iterations that end there (of all of
+    them, for a curve shorter than ``window``)."""
     ax = ax or plt.gca()
+    used = set()
     for label, losses in curves.items():
-        s = smooth(losses, window)
-        ax.plot(torch.arange(len(s)) + window, s, label=label)
+        n = len(losses)
+        if n == 0:
+            raise ValueError(f"no losses to plot for {label!r}")
+        w = max(1, min(window, n))
+        used.add(w)
+        s = smooth(losses, w)
+        ax.plot(torch.arange(len(s)) + w, s, label=label)
     ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(f"loss (moving average of {window})")
+    ax.set_ylabel(f"loss (moving average of {'/'.join(map(str, sorted(used)))})")
     if log:
         ax.set_yscale("log")
     ax.legend()
@@ -136,8 +144,16 @@ def mean_curve(
     over = mean > (math.inf if top is None else top)
     shown = mean.masked_fill(over, math.nan)  # a gap where the mean is off the scale
     if errorbar:
-        bars = ax.errorbar(steps, shown, yerr=ci.masked_fill(over, math.nan), fmt="o",
-                           ms=3, capsize=2, color=color, label=label)
+        bars = ax.errorbar(
+            steps,
+            shown,
+            yerr=ci.masked_fill(over, math.nan),
+            fmt="o",
+            ms=3,
+            capsize=2,
+            color=color,
+            label=label,
+        )
         color = bars[0].get_color()
     else:
         (line,) = ax.plot(steps, shown, marker="o", ms=3, color=color, label=label)
@@ -151,6 +167,13 @@ def mean_curve(
     for s, m, d in zip(steps, mean.tolist(), diverged or []):
         if d:
             y = top if top is not None and m > top else m
-            ax.annotate(f"{d} div.", (s, y), textcoords="offset points",
-                        xytext=(0, 7), ha="center", fontsize=7, color=color)
+            ax.annotate(
+                f"{d} div.",
+                (s, y),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=7,
+                color=color,
+            )
     return ax

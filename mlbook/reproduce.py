@@ -44,8 +44,11 @@ TEST_LR = 0.01  # every method is fine-tuned at test time with SGD, alpha = 0.01
 
 def _git(*args) -> str:
     return subprocess.run(
-        ["git", *args], text=True, capture_output=True,
-        cwd=Path(__file__).parent, timeout=5,
+        ["git", *args],
+        text=True,
+        capture_output=True,
+        cwd=Path(__file__).parent,
+        timeout=5,
     ).stdout.strip()
 
 
@@ -169,7 +172,10 @@ def sinusoid(
                 commit=_commit(),
             )
             zoo.save(f"sinusoid-{method}", learner.model, record, overwrite=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Other methods' results from an earlier run into the same folder stay.
+    path = out / "results.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(earlier | results, indent=2) + "\n")
     return results
 
 

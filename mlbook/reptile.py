@@ -60,7 +60,10 @@ class Reptile(InnerLoop):
         Capturable in a CUDA graph (``mlbook.graph``) when ``check_finite`` is
         off."""
         self._check_batch(batch, "meta_step")
-        outer_lr = self.outer_lr if outer_lr is None else outer_lr
+        if outer_lr is None:
+            outer_lr = self.outer_lr
+        elif not torch.is_tensor(outer_lr):  # (a tensor is a graph's schedule)
+            _positive("outer_lr", outer_lr)
         has_query = batch.x_query.shape[1] > 0
         x, y = (
             (batch.x_query, batch.y_query)

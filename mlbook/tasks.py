@@ -48,6 +48,8 @@ class TaskBatch:
                 f"x_support {tuple(xs.shape)}, y_support {tuple(ys.shape)}, "
                 f"x_query {tuple(xq.shape)}, y_query {tuple(yq.shape)}"
             )
+        if xs.shape[0] == 0:
+            raise ValueError("TaskBatch holds no tasks (dim 0 of every tensor is 0)")
         if xs.shape[1] == 0:
             raise ValueError("TaskBatch.x_support is empty: need at least one point")
         if xs.shape[:2] != ys.shape[:2] or xq.shape[:2] != yq.shape[:2]:
@@ -80,11 +82,18 @@ class TaskBatch:
         )
 
     def task(self, i: int) -> TaskBatch:
-        """Task ``i`` as a batch of one (keeps the leading dim)."""
+        """Task ``i`` as a batch of one (keeps the leading dim); ``-1`` is the
+        last task."""
+        n = self.num_tasks
+        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+            raise IndexError(f"task {i!r} of a batch of {n} tasks")
+        i %= n
         return self.tasks(slice(i, i + 1))
 
     def tasks(self, s: slice) -> TaskBatch:
         """The tasks ``s`` (a slice of the leading dim) as a batch."""
+        if not isinstance(s, slice):
+            raise TypeError(f"tasks() takes a slice, got {type(s).__name__}")
         pick = lambda v: v[s] if isinstance(v, torch.Tensor) else v  # noqa: E731
         return TaskBatch(
             pick(self.x_support),

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -42,11 +43,100 @@ class TrainResult:
 
 
 def _save_atomic(obj, path: Path):
-    # Write to a temporary file and rename, so an interruption never leaves a
-    # half-written checkpoint where a good one was.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # Write to a fresh temporary file and rename, so an interruption never
+    # leaves a half-written checkpoint where a good one was (and no file of
+    # the user's is taken for the temporary one).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _settings(learner, tasks) -> dict:
+    """What a checkpoint must agree on besides the sampling: the learner's
+    hyper-parameters and the task distribution (a dataclass's repr names its
+    ranges; anything else, its type)."""
+    out = {}
+    for key in ("inner_lr", "inner_steps", "first_order", "outer_lr"):
+        value = getattr(learner, key, None)
+        if isinstance(value, (bool, int, float)):
+            out[key] = value
+    out["tasks"] = repr(tasks) if is_dataclass(tasks) else type(tasks).__name__
+    return out
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: say which
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is "
+            "damaged or not an mlbook checkpoint: move it away or use another path"
+        ) from err
+    keys = {"iteration", "config", "model", "optimizer", "generator", "losses"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise ValueError(
+            f"{path} is not a meta_train checkpoint (it lacks "
+            f"{sorted(keys - set(state)) if isinstance(state, dict) else 'a dict'}); "
+            "use another path"
+        )
+    return state
+
+
+def _check_resume(path, state, config, model, optimizer, trained, iterations):
+    """Everything a resume would load must fit, checked before anything is."""
+    stored = state["config"]
+    common = set(stored) & set(config)  # (older checkpoints store fewer keys)
+    differ = {
+        k: (stored[k], config[k]) for k in sorted(common) if stored[k] != config[k]
+    }
+    if differ:
+        said = ", ".join(
+            f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()
+        )
+        raise ValueError(
+            f"checkpoint {path} was made with other settings ({said}); "
+            "use another path for this run"
+        )
+    if state["iteration"] > iterations:
+        raise ValueError(
+            f"checkpoint {path} is at iteration {state['iteration']}, past the "
+            f"{iterations} asked for; ask for at least that many or use another path"
+        )
+    mine = model.state_dict()
+    theirs = state["model"]
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ValueError(
+            f"checkpoint {path} holds another model (its parameters' names or "
+            "shapes differ from this one's); use another path"
+        )
+    saved_opt = state["optimizer"]
+    if (optimizer is None) != (saved_opt is None):
+        raise ValueError(f"checkpoint {path} was made with a different optimizer setup")
+    if optimizer is not None:
+        sizes = [len(g["params"]) for g in saved_opt["param_groups"]]
+        if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(
+                f"checkpoint {path}: the optimizer's parameter groups differ"
+            )
+        for g, h in zip(optimizer.param_groups, saved_opt["param_groups"]):
+            if g.get("lr") != h.get("lr"):
+                raise ValueError(
+                    f"checkpoint {path} was trained with learning rate "
+                    f"{h.get('lr')}, this optimizer has {g.get('lr')}; resuming "
+                    "would use the checkpoint's: use another path for a new rate"
+                )
+    extra = state.get("trained", [])
+    if len(extra) != len(trained) or any(
+        a.shape != b.shape for a, b in zip(extra, trained)
+    ):
+        raise ValueError(
+            f"checkpoint {path}: the tensors trained beside the model differ"
+        )
 
 
 def meta_train(
@@ -92,6 +182,14 @@ def meta_train(
     _positive("k_support", k_support, int)
     _positive("k_query", k_query, int, allow_zero=True)
     _positive("checkpoint_every", checkpoint_every, int)
+    _positive("outer_lr", outer_lr)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not hasattr(learner, "model") or not hasattr(learner, "meta_step"):
+        raise TypeError(
+            f"learner must be an mlbook learner (MAML, Reptile, Pretrained), "
+            f"got {type(learner).__name__}"
+        )
     if not hasattr(tasks, "sample"):
         raise TypeError("tasks must have sample(num_tasks, k_support, k_query, ...)")
     device = torch.device(device) if device is not None else default_device()
@@ -110,8 +208,10 @@ def meta_train(
             if cuda_graph
             else torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         )
-    if cuda_graph and optimizer is not None and not all(
-        g.get("capturable", False) for g in optimizer.param_groups
+    if (
+        cuda_graph
+        and optimizer is not None
+        and not all(g.get("capturable", False) for g in optimizer.param_groups)
     ):
         raise ValueError(
             "cuda_graph=True needs an optimizer built with capturable=True, e.g. "
@@ -124,7 +224,18 @@ def meta_train(
         k_support=k_support,
         k_query=k_query,
         seed=seed,
+        optimizer=type(optimizer).__name__ if optimizer is not None else None,
+        **_settings(learner, tasks),
     )
+    # Tensors the optimizer trains outside the model (a learned inner rate):
+    # saved and restored beside it.
+    in_model = {id(p) for p in model.parameters()}
+    trained = [
+        p
+        for g in (optimizer.param_groups if optimizer is not None else [])
+        for p in g["params"]
+        if id(p) not in in_model
+    ]
     result = TrainResult()
 
     path = Path(checkpoint) if checkpoint is not None else None
@@ -134,15 +245,14 @@ def meta_train(
                 f"checkpoint {path} exists; pass resume=True to continue it, or "
                 "choose another path (mlbook never overwrites a checkpoint)"
             )
-        state = torch.load(path, map_location=device, weights_only=True)
-        if state["config"] != config:
-            raise ValueError(
-                f"checkpoint {path} was made with {state['config']}, "
-                f"not {config}; use another path for this run"
-            )
+        state = _load_checkpoint(path, device)
+        _check_resume(path, state, config, model, optimizer, trained, iterations)
         model.load_state_dict(state["model"])
-        if optimizer is not None and state["optimizer"] is not None:
+        if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for p, v in zip(trained, state.get("trained", [])):
+                p.copy_(v)
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         result.losses = list(state["losses"])
@@ -165,6 +275,7 @@ def meta_train(
                 generator=generator.get_state(),
                 torch_rng=torch.get_rng_state(),
                 losses=result.losses,
+                trained=[p.detach() for p in trained],
                 seconds=earlier_seconds + time.perf_counter() - start,
             ),
             path,
@@ -206,12 +317,19 @@ def meta_train(
             # No host sync here: while the GPU replays this step, the CPU
             # already samples the next episode. Losses are read in chunks.
             pending.append(graphed(batch).clone())
-            if len(pending) == 50 or it + 1 == iterations or (
-                path is not None and (it + 1) % checkpoint_every == 0
+            if (
+                len(pending) == 50
+                or it + 1 == iterations
+                or (path is not None and (it + 1) % checkpoint_every == 0)
             ):
                 flush(it + 1)
         else:
-            result.losses.append(learner.meta_step(batch, optimizer))
+            loss = learner.meta_step(batch, optimizer)
+            if not math.isfinite(loss):  # (before any checkpoint could keep it)
+                raise FloatingPointError(
+                    f"meta-loss {loss} at iteration {it + 1}: training diverged"
+                )
+            result.losses.append(loss)
         if progress and (it + 1) % 100 == 0:
             recent = result.losses[-100:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
@@ -256,7 +374,8 @@ class EvalResult:
 
     @property
     def ci95(self) -> list:
-        """Half-width of the 95% interval of the mean: 1.96 standard errors."""
+        """The half-width of each step's 95% interval of the mean, which is
+        1.96 standard errors (NaN for fewer than two tasks)."""
         out = []
         for i in range(len(self.steps)):
             v = self._finite(i)
@@ -288,11 +407,28 @@ class EvalResult:
         return "\n".join(rows)
 
 
+def _accuracy(pred, y):  # [T]
+    # Class scores [T, N, classes] against integer labels [T, N]; anything else
+    # (a regression, a label past the last class) would give a meaningless 0.
+    if y.is_floating_point() or pred.dim() != y.dim() + 1 or pred.shape[-1] < 2:
+        raise ValueError(
+            "metric='accuracy' needs class scores [..., classes] and integer "
+            f"labels; got predictions {tuple(pred.shape)} ({pred.dtype}) and "
+            f"labels {tuple(y.shape)} ({y.dtype})"
+        )
+    if y.numel() and (y.min() < 0 or y.max() >= pred.shape[-1]):
+        raise ValueError(
+            f"labels run from {y.min().item()} to {y.max().item()} but the model "
+            f"scores {pred.shape[-1]} classes"
+        )
+    return (pred.argmax(-1) == y).float().mean(-1)
+
+
 def _metric_fn(learner, metric):
     if metric == "loss":
         return lambda pred, y: vmap(learner.loss_fn)(pred, y)  # [T]
     if metric == "accuracy":
-        return lambda pred, y: (pred.argmax(-1) == y).float().mean(-1)  # [T]
+        return _accuracy
     raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
 
 
@@ -313,11 +449,16 @@ def evaluate(
 
     ``tasks`` is a distribution (then ``num_tasks`` tasks are drawn from a
     generator seeded with ``seed``, ``chunk`` at a time, so every learner sees
-    the same tasks) or a ``TaskBatch`` used as it is. Adaptation is SGD with the
-    learner's ``inner_lr``; the model is not modified. A task whose metric
-    becomes NaN or infinite raises ``FloatingPointError``, unless
-    ``allow_diverged=True``: then it is counted in ``EvalResult.diverged``.
+    the same tasks) or a ``TaskBatch`` used as it is. The test tasks are fixed
+    by ``seed`` *and* ``chunk`` (the draws come in chunks): keep the default
+    ``chunk`` to compare with a record. ``steps`` are reported in increasing
+    order, each once. Adaptation is SGD with the learner's ``inner_lr``; the
+    model is not modified. A task whose metric becomes NaN or infinite raises
+    ``FloatingPointError``, unless ``allow_diverged=True``: then it is counted
+    in ``EvalResult.diverged``.
     """
+    if isinstance(steps, int):
+        raise TypeError(f"steps must be a sequence of step counts, e.g. ({steps},)")
     steps = sorted({_positive("steps", s, int, allow_zero=True) for s in steps})
     if not steps:
         raise ValueError("steps must name at least one step count")
@@ -328,9 +469,16 @@ def evaluate(
         else next(learner.model.parameters()).device
     )
     if isinstance(tasks, TaskBatch):
+        if tasks.x_query.shape[1] == 0:
+            raise ValueError("the tasks have no query points to evaluate on")
         batches = [tasks.to(device)]
     elif hasattr(tasks, "sample"):
         _positive("num_tasks", num_tasks, int)
+        _positive("chunk", chunk, int)
+        _positive("k_support", k_support, int)
+        _positive("k_query", k_query, int)  # the metric is taken on the query set
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         generator = torch.Generator().manual_seed(seed)
         sizes = [min(chunk, num_tasks - i) for i in range(0, num_tasks, chunk)]
         batches = (

@@ -9,6 +9,7 @@ Introduced in ``book/04_maml``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -71,6 +72,16 @@ def save(
     pt, js = directory / f"{name}.pt", directory / f"{name}.json"
     if not overwrite and (pt.exists() or js.exists()):
         raise FileExistsError(f"{pt} exists; pass overwrite=True to replace it")
+    text = json.dumps(record, indent=2) + "\n"  # fails here, before any write
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save(state, pt)
-    js.write_text(json.dumps(record, indent=2) + "\n")
+    # Both files go to temporary names first and are renamed at the end, so a
+    # failure never leaves a model beside another model's record.
+    tmp_pt, tmp_js = pt.with_name(f".{pt.name}.tmp"), js.with_name(f".{js.name}.tmp")
+    try:
+        torch.save(state, tmp_pt)
+        tmp_js.write_text(text)
+        os.replace(tmp_pt, pt)
+        os.replace(tmp_js, js)
+    finally:
+        for tmp in (tmp_pt, tmp_js):
+            tmp.unlink(missing_ok=True)
