@@ -9,6 +9,7 @@ them; meta-learning learns what the tasks share. Introduced in the chapter
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,9 +86,13 @@ class TaskBatch:
         """Task ``i`` as a batch of one (keeps the leading dim); ``-1`` is the
         last task."""
         n = self.num_tasks
-        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+        try:  # an int, or an integer scalar from numpy or torch
+            k = None if isinstance(i, bool) else operator.index(i)
+        except TypeError:
+            k = None
+        if k is None or not -n <= k < n:
             raise IndexError(f"task {i!r} of a batch of {n} tasks")
-        i %= n
+        i = k % n
         return self.tasks(slice(i, i + 1))
 
     def tasks(self, s: slice) -> TaskBatch:

@@ -114,6 +114,7 @@ def test_a_batch_has_tasks_and_task_indices_count_from_either_end():
     with pytest.raises(ValueError, match="no tasks"):
         b.tasks(slice(3, 5))
     assert torch.equal(b.task(-1).x_support, b.x_support[2:])
+    assert torch.equal(b.task(torch.tensor(1)).x_support, b.x_support[1:2])
     for bad in (3, -4, 1.0, True):
         with pytest.raises(IndexError):
             b.task(bad)
