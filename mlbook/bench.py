@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -689,7 +690,7 @@ def main(argv=None):
 
     record = dict(
         command="python -m mlbook bench "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         commit=_commit(),
         device=str(device),
         device_name=dev,

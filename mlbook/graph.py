@@ -85,12 +85,14 @@ class GraphedStep:
                 self.loss = learner.step(self.static, optimizer)
         finally:
             learner.check_finite = check
-        # Undo the warm-up steps in place: the graph holds these addresses.
-        with torch.no_grad():
-            for p, saved in zip(params, saved_params):
-                p.copy_(saved)
-        _restore(optimizer, saved_state)
-        torch.cuda.synchronize()
+            # Undo the warm-up steps in place (the graph holds these
+            # addresses), and after a failed capture too: the model and the
+            # optimizer are left as they were given.
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params):
+                    p.copy_(saved)
+            _restore(optimizer, saved_state)
+            torch.cuda.synchronize()
 
     def __call__(self, batch: TaskBatch) -> torch.Tensor:
         """Copy ``batch`` into the graph's inputs, replay, return the loss

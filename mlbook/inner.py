@@ -135,6 +135,20 @@ def _positive(name, value, kind=float, allow_zero=False):
     return value
 
 
+def _first_layer(model: nn.Module):
+    """The first Linear/Conv layer, whose input size an example must have,
+    for models that run their layers in the order they hold them (an
+    ``nn.Sequential``, Conv4); None for others."""
+    from .models import Conv4  # models imports nothing from here
+
+    if not isinstance(model, (nn.Sequential, Conv4)):
+        return None
+    for module in model.modules():
+        if isinstance(module, tuple(_EXAMPLE_DIMS)):
+            return module
+    return None
+
+
 def _example_dims(model: nn.Module):
     for module in model.modules():
         for cls, dims in _EXAMPLE_DIMS.items():
@@ -182,9 +196,12 @@ class InnerLoop:
         self.inner_lr = _positive("inner_lr", inner_lr)
         self.inner_steps = _positive("inner_steps", inner_steps, int, allow_zero=True)
         self.first_order = bool(first_order)
+        if example_dims is not None:
+            _positive("example_dims", example_dims, int)
         self.example_dims = (
             example_dims if example_dims is not None else _example_dims(model)
         )
+        self._first_layer = _first_layer(model)
         self.check_finite = check_finite
         # A plain MLP gets a hand-batched forward (one bmm per layer): same
         # numbers as vmap, a fraction of its per-call overhead on tiny models.
@@ -261,6 +278,17 @@ class InnerLoop:
         if x.device != param.device:
             raise ValueError(
                 f"{name} is on {x.device} but the model is on {param.device}"
+            )
+        first, d = self._first_layer, self.example_dims
+        if isinstance(first, nn.Linear) and d == 1 and x.shape[-1] != first.in_features:
+            raise ValueError(
+                f"{name} has {x.shape[-1]} features per example, the model's "
+                f"first layer takes {first.in_features}"
+            )
+        if isinstance(first, nn.Conv2d) and d == 3 and x.shape[-3] != first.in_channels:
+            raise ValueError(
+                f"{name} has {x.shape[-3]} channels per example, the model's "
+                f"first layer takes {first.in_channels}"
             )
         if x.dtype != param.dtype:
             raise ValueError(

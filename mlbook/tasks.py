@@ -140,7 +140,16 @@ class Sinusoid:
 
     def __post_init__(self):
         for name in ("amplitude", "phase", "x_range"):
-            low, high = getattr(self, name)
+            value = getattr(self, name)
+            ok = isinstance(value, (tuple, list)) and len(value) == 2
+            if not ok or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in value
+            ):
+                raise ValueError(
+                    f"Sinusoid.{name} must be a (low, high) pair of finite "
+                    f"numbers, got {value!r}"
+                )
+            low, high = value
             if not low <= high:
                 raise ValueError(
                     f"Sinusoid.{name} must be (low, high) with low <= high"
@@ -165,6 +174,11 @@ class Sinusoid:
         amplitude = torch.as_tensor(amplitude, dtype=torch.float32).reshape(-1)
         phase = torch.as_tensor(phase, dtype=torch.float32).reshape(-1)
         num_tasks = amplitude.numel()
+        if phase.numel() != num_tasks:
+            raise ValueError(
+                f"{num_tasks} amplitudes but {phase.numel()} phases: one of each "
+                "per task"
+            )
         _check_counts(num_tasks, k_support, k_query)
         x = _uniform(*self.x_range, (num_tasks, k_support + k_query, 1), generator)
         y = self.function(

@@ -204,3 +204,12 @@ def test_torch_func_conv4_meta_gradient_equals_the_loop_in_float64(method, steps
         scale = max(v.abs().max() for v in ref.values())
         assert (g[k] - r).abs().max() <= 1e-10 * scale, k
     assert max(r.abs().max() for k, r in ref.items() if k.endswith("1.weight")) > 1e-3
+
+
+def test_readme_compiled_conv4_figures_match_their_record():
+    rows = bench.load_record("bench-cpu-conv4-compiled")["rows"]
+    ms = {r["variant"]: r["ms_per_step"] for r in rows}
+    readme = (ROOT / "README.md").read_text()
+    said = f"{ms['compiled torch.func']:.0f} against {ms['mlbook']:.0f} ms"
+    assert said in readme.replace("\n", " ")
+    assert ms["compiled torch.func"] > ms["mlbook"]  # "slower", as the README says

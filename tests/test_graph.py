@@ -37,9 +37,15 @@ def test_cuda_graph_needs_a_cuda_device_and_a_capturable_optimizer():
     maml = ml.MAML(net, F.mse_loss, inner_lr=0.01)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="capturable=True"):
-            ml.meta_train(maml, ml.tasks.Sinusoid(), 2, device="cuda",
-                          optimizer=torch.optim.Adam(net.parameters()),
-                          cuda_graph=True, progress=False)
+            ml.meta_train(
+                maml,
+                ml.tasks.Sinusoid(),
+                2,
+                device="cuda",
+                optimizer=torch.optim.Adam(net.parameters()),
+                cuda_graph=True,
+                progress=False,
+            )
     with pytest.raises(ValueError, match="needs a CUDA device"):
         ml.meta_train(
             maml, ml.tasks.Sinusoid(), 2, device="cpu", cuda_graph=True, progress=False
@@ -112,6 +118,29 @@ def test_capture_leaves_model_and_optimizer_as_they_were():
     loss = step(episodes(4, 5, 1, 2, 1).to("cuda"))
     assert torch.isfinite(loss)
     assert not torch.equal(net.head.weight, before["head.weight"])
+
+
+class _SyncsWhenCaptured(ml.MAML):
+    """A step that reads a value on the host: fine eagerly, fatal in capture."""
+
+    def step(self, batch, optimizer):
+        loss = super().step(batch, optimizer)
+        if torch.cuda.is_current_stream_capturing():
+            loss.item()
+        return loss
+
+
+@cuda
+def test_a_failed_capture_leaves_model_and_optimizer_as_they_were():
+    torch.manual_seed(0)
+    net = ml.models.Conv4(1, 5, hidden=16).cuda()
+    maml = _SyncsWhenCaptured(net, F.cross_entropy, inner_lr=0.4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        GraphedStep(maml, opt, episodes(4, 5, 1, 2, 0).to("cuda"))
+    for k, v in net.state_dict().items():  # the warm-up steps are undone
+        assert torch.equal(v, before[k]), k
 
 
 @cuda

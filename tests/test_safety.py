@@ -91,6 +91,20 @@ def test_dtype_device_and_optimizer_mistakes_are_named():
         learner.adapt(b.x_support, torch.empty(b.y_support.shape, device="meta"))
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         learner.meta_step(b, None)
+    with pytest.raises(ValueError, match="2 features per example"):
+        learner.adapt(b.x_support.expand(-1, -1, 2), b.y_support)
+    conv = ml.MAML(ml.models.Conv4(3, 5, hidden=4, image_size=16), F.cross_entropy, 0.1)
+    with pytest.raises(ValueError, match="1 channels per example"):
+        conv.adapt(torch.randn(2, 5, 1, 16, 16), torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="example_dims"):
+        ml.MAML(ml.models.MLP(1, (4,), 1), F.mse_loss, 0.1, example_dims="1")
+
+
+def test_sinusoid_ranges_and_parameters_are_checked():
+    with pytest.raises(ValueError, match="amplitude must be a"):
+        ml.tasks.Sinusoid(amplitude=5)
+    with pytest.raises(ValueError, match="3 amplitudes but 2 phases"):
+        ml.tasks.Sinusoid().make_batch([1.0, 2.0, 3.0], [0.0, 1.0], 5, 5)
 
 
 def test_batched_params_must_match_the_tasks_they_are_used_on():
