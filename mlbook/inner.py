@@ -356,7 +356,10 @@ class InnerLoop:
         if self._conv_plan is not None and params_batched:
             return self._conv_forward(params, x)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
-        return vmap(call, in_dims=(0 if params_batched else None, 0))(params, x)
+        # randomness: each task draws its own dropout masks (and the like)
+        return vmap(
+            call, in_dims=(0 if params_batched else None, 0), randomness="different"
+        )(params, x)
 
     def _conv_forward(self, params, x):
         """Conv4 on a batch of tasks ``x: [T, N, C, H, W]`` with per-task

@@ -338,3 +338,20 @@ def test_learning_curves_label_the_window_they_use():
     assert list(line.get_xdata()) == [50]
     assert "moving average of 50" in ax.get_ylabel()
     plt.close(fig)
+
+
+def test_a_model_with_dropout_trains_each_task_with_its_own_masks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    learner = ml.MAML(net, F.mse_loss, inner_lr=0.01)
+    b = sine_batch()
+    same = ml.TaskBatch(
+        *(
+            t[:1].expand(3, *t.shape[1:])
+            for t in (b.x_support, b.y_support, b.x_query, b.y_query)
+        )
+    )
+    losses = learner.meta_loss(same, reduce=False)  # one task three times
+    assert losses.unique().numel() == 3  # three different masks
+    net.eval()  # no dropout: the same task gives the same loss
+    assert learner.meta_loss(same, reduce=False).unique().numel() == 1
