@@ -52,8 +52,10 @@ def main(argv=None):
         action="store_true",
         help="also write the trained models into mlbook/checkpoints",
     )
-    sub.add_parser("bench", help="meta-steps per second against baselines "
-                   "(python -m mlbook bench --help)")
+    sub.add_parser(
+        "bench",
+        help="meta-steps per second against baselines (python -m mlbook bench --help)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "sinusoid":
@@ -66,16 +68,19 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown method(s) {unknown}; choose from {list(SINUSOID)}")
         torch.set_num_threads(args.threads)
-        results = sinusoid(
-            methods,
-            args.iterations,
-            args.out,
-            args.seed,
-            args.device,
-            args.ship,
-            eval_tasks=args.eval_tasks,
-            compile=args.compile,
-        )
+        try:
+            results = sinusoid(
+                methods,
+                args.iterations,
+                args.out,
+                args.seed,
+                args.device,
+                args.ship,
+                eval_tasks=args.eval_tasks,
+                compile=args.compile,
+            )
+        except (ValueError, FileExistsError) as err:  # e.g. a checkpoint that
+            parser.exit(2, f"error: {err}\n")  # does not fit: say why, no trace
         print(sinusoid_table(results))
         print(f"(results in {args.out}/results.json)")
     return 0

@@ -355,3 +355,14 @@ def test_a_model_with_dropout_trains_each_task_with_its_own_masks():
     assert losses.unique().numel() == 3  # three different masks
     net.eval()  # no dropout: the same task gives the same loss
     assert learner.meta_loss(same, reduce=False).unique().numel() == 1
+
+
+def test_the_command_line_names_a_checkpoint_that_does_not_fit(tmp_path, capsys):
+    from mlbook.__main__ import main
+
+    args = ["sinusoid", "--methods", "pretrained", "--out", str(tmp_path)]
+    assert main([*args, "--iterations", "4", "--eval-tasks", "10"]) == 0
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--iterations", "2", "--eval-tasks", "10"])
+    assert stop.value.code == 2
+    assert "past the 2 asked for" in capsys.readouterr().err
