@@ -136,16 +136,17 @@ def _positive(name, value, kind=float, allow_zero=False):
 
 
 def _first_layer(model: nn.Module):
-    """The first Linear/Conv layer, whose input size an example must have,
-    for models that run their layers in the order they hold them (an
-    ``nn.Sequential``, Conv4); None for others."""
+    """The layer an example enters, when it is a Linear/Conv layer whose
+    input size the examples must have: the first layer with parameters of a
+    model that runs its layers in the order it holds them (an
+    ``nn.Sequential``, Conv4). None otherwise (an embedding first, say)."""
     from .models import Conv4  # models imports nothing from here
 
     if not isinstance(model, (nn.Sequential, Conv4)):
         return None
     for module in model.modules():
-        if isinstance(module, tuple(_EXAMPLE_DIMS)):
-            return module
+        if any(True for _ in module.parameters(recurse=False)):
+            return module if isinstance(module, tuple(_EXAMPLE_DIMS)) else None
     return None
 
 
@@ -290,7 +291,9 @@ class InnerLoop:
                 f"{name} has {x.shape[-3]} channels per example, the model's "
                 f"first layer takes {first.in_channels}"
             )
-        if x.dtype != param.dtype:
+        # (integer inputs are fine for a model that embeds them; a first
+        # Linear/Conv layer, or float data, must match the parameters)
+        if x.dtype != param.dtype and (x.is_floating_point() or first is not None):
             raise ValueError(
                 f"{name} is {x.dtype} but the model's parameters are {param.dtype}; "
                 f"convert one of them (x.to({param.dtype}) or model.to({x.dtype}))"

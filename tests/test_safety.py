@@ -96,6 +96,13 @@ def test_dtype_device_and_optimizer_mistakes_are_named():
     conv = ml.MAML(ml.models.Conv4(3, 5, hidden=4, image_size=16), F.cross_entropy, 0.1)
     with pytest.raises(ValueError, match="1 channels per example"):
         conv.adapt(torch.randn(2, 5, 1, 16, 16), torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="torch.int64 but the model's parameters"):
+        learner.adapt(b.x_support.long(), b.y_support)
+    # integer inputs are fine for a model that embeds them
+    embed = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(1), nn.Linear(8, 1))
+    tokens = ml.MAML(embed, F.mse_loss, 0.1, example_dims=1)
+    x = torch.randint(0, 10, (3, 5, 2))
+    tokens.meta_loss(ml.TaskBatch(x, torch.randn(3, 5, 1), x, torch.randn(3, 5, 1)))
     with pytest.raises(ValueError, match="example_dims"):
         ml.MAML(ml.models.MLP(1, (4,), 1), F.mse_loss, 0.1, example_dims="1")
 
