@@ -164,11 +164,16 @@ def meta_train(
     optimizer get Adam(``outer_lr``) unless ``optimizer`` is given.
 
     Tasks come from a generator seeded with ``seed``. With ``checkpoint`` (a
-    path), the model, optimizer, generator and loss history are saved every
-    ``checkpoint_every`` iterations and at the end; an existing checkpoint is
-    resumed (``resume=True``) so an interrupted run ends exactly where an
-    uninterrupted one would. ``resume=False`` refuses to overwrite an existing
-    file. ``learner.model`` is moved to ``device`` (default: CUDA when
+    path), the model, optimizer (and any tensor it trains beside the model),
+    generator and loss history are saved every ``checkpoint_every`` iterations
+    and at the end; an existing checkpoint is resumed (``resume=True``) so an
+    interrupted run ends exactly where an uninterrupted one would. A
+    checkpoint made with other settings (sampling, the learner's
+    hyper-parameters, the task distribution, the model, the optimizer or its
+    learning rate), or one past ``iterations``, is refused before anything is
+    loaded. ``resume=False`` refuses to overwrite an existing file. A
+    non-finite meta-loss stops the run with ``FloatingPointError`` before
+    anything more is saved. ``learner.model`` is moved to ``device`` (default: CUDA when
     present); tensors a learner subclass keeps beside the model (learned
     inner rates, say) are not moved: pass ``device`` where they live.
 
