@@ -52,10 +52,8 @@ def main(argv=None):
         action="store_true",
         help="also write the trained models into mlbook/checkpoints",
     )
-    sub.add_parser(
-        "bench",
-        help="meta-steps per second against baselines (python -m mlbook bench --help)",
-    )
+    sub.add_parser("bench", help="meta-steps per second against baselines "
+                   "(python -m mlbook bench --help)")
     args = parser.parse_args(argv)
 
     if args.command == "sinusoid":

@@ -46,10 +46,9 @@ def _shares_modules(seq: nn.Sequential) -> bool:
     # named_children() lists a module used twice only once: a plan built from
     # it would silently drop the second use (a reused ReLU). A parameter shared
     # by two layers has one name only, which the plans' lookups cannot find.
-    n_params = len(list(seq.named_parameters(remove_duplicate=False)))
-    return len(list(seq.named_children())) != len(seq._modules) or n_params != len(
-        list(seq.named_parameters())
-    )
+    every_use = len(list(seq.named_parameters(remove_duplicate=False)))
+    reused_module = len(list(seq.named_children())) != len(seq._modules)
+    return reused_module or every_use != len(list(seq.named_parameters()))
 
 
 def _check_no_reused_weighted_module(model: nn.Module):
@@ -396,22 +395,15 @@ class InnerLoop:
             elif kind == "norm":
                 g, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
                 h = F.batch_norm(
-                    h,
-                    None,
-                    None,
+                    h, None, None,
                     None if g is None else g.reshape(-1),
                     None if b is None else b.reshape(-1),
-                    training=True,
-                    eps=layer.eps,
+                    training=True, eps=layer.eps,
                 )
             elif kind == "pool":
                 h = F.max_pool2d(
-                    h,
-                    layer.kernel_size,
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    layer.ceil_mode,
+                    h, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, layer.ceil_mode,
                 )
             elif kind == "act":
                 h = layer(h)
@@ -429,13 +421,9 @@ class InnerLoop:
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
         if self.conv_impl == "grouped":
             return F.conv2d(
-                h,
-                w.reshape(-1, *w.shape[2:]),
+                h, w.reshape(-1, *w.shape[2:]),
                 None if b is None else b.reshape(-1),
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                groups=t,
+                layer.stride, layer.padding, layer.dilation, groups=t,
             )
         # unfold + bmm: patches [T, C*k*k, N*L] times filters [T, C_out, C*k*k]
         n, _, height, width = h.shape

@@ -144,16 +144,8 @@ def mean_curve(
     over = mean > (math.inf if top is None else top)
     shown = mean.masked_fill(over, math.nan)  # a gap where the mean is off the scale
     if errorbar:
-        bars = ax.errorbar(
-            steps,
-            shown,
-            yerr=ci.masked_fill(over, math.nan),
-            fmt="o",
-            ms=3,
-            capsize=2,
-            color=color,
-            label=label,
-        )
+        bars = ax.errorbar(steps, shown, yerr=ci.masked_fill(over, math.nan), fmt="o",
+                           ms=3, capsize=2, color=color, label=label)
         color = bars[0].get_color()
     else:
         (line,) = ax.plot(steps, shown, marker="o", ms=3, color=color, label=label)
@@ -167,13 +159,6 @@ def mean_curve(
     for s, m, d in zip(steps, mean.tolist(), diverged or []):
         if d:
             y = top if top is not None and m > top else m
-            ax.annotate(
-                f"{d} div.",
-                (s, y),
-                textcoords="offset points",
-                xytext=(0, 7),
-                ha="center",
-                fontsize=7,
-                color=color,
-            )
+            ax.annotate(f"{d} div.", (s, y), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=7, color=color)
     return ax

@@ -44,11 +44,8 @@ TEST_LR = 0.01  # every method is fine-tuned at test time with SGD, alpha = 0.01
 
 def _git(*args) -> str:
     return subprocess.run(
-        ["git", *args],
-        text=True,
-        capture_output=True,
-        cwd=Path(__file__).parent,
-        timeout=5,
+        ["git", *args], text=True, capture_output=True,
+        cwd=Path(__file__).parent, timeout=5,
     ).stdout.strip()
 
 

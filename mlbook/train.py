@@ -213,10 +213,8 @@ def meta_train(
             if cuda_graph
             else torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         )
-    if (
-        cuda_graph
-        and optimizer is not None
-        and not all(g.get("capturable", False) for g in optimizer.param_groups)
+    if cuda_graph and optimizer is not None and not all(
+        g.get("capturable", False) for g in optimizer.param_groups
     ):
         raise ValueError(
             "cuda_graph=True needs an optimizer built with capturable=True, e.g. "
@@ -322,10 +320,8 @@ def meta_train(
             # No host sync here: while the GPU replays this step, the CPU
             # already samples the next episode. Losses are read in chunks.
             pending.append(graphed(batch).clone())
-            if (
-                len(pending) == 50
-                or it + 1 == iterations
-                or (path is not None and (it + 1) % checkpoint_every == 0)
+            if len(pending) == 50 or it + 1 == iterations or (
+                path is not None and (it + 1) % checkpoint_every == 0
             ):
                 flush(it + 1)
         else:

@@ -37,15 +37,9 @@ def test_cuda_graph_needs_a_cuda_device_and_a_capturable_optimizer():
     maml = ml.MAML(net, F.mse_loss, inner_lr=0.01)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="capturable=True"):
-            ml.meta_train(
-                maml,
-                ml.tasks.Sinusoid(),
-                2,
-                device="cuda",
-                optimizer=torch.optim.Adam(net.parameters()),
-                cuda_graph=True,
-                progress=False,
-            )
+            ml.meta_train(maml, ml.tasks.Sinusoid(), 2, device="cuda",
+                          optimizer=torch.optim.Adam(net.parameters()),
+                          cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         ml.meta_train(
             maml, ml.tasks.Sinusoid(), 2, device="cpu", cuda_graph=True, progress=False
