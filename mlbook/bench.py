@@ -271,6 +271,9 @@ def workload(name: str, device) -> dict:
     return w
 
 
+PLAIN_DOUBLE = "mlbook, autograd 2nd"
+
+
 class _Baseline:
     """A baseline step in the shape ``GraphedStep`` captures."""
 
@@ -291,6 +294,7 @@ def _learner(
     plain_norm=False,
     bf16=False,
     compile=False,
+    batched_double=None,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -314,6 +318,7 @@ def _learner(
             compile=compile,
         )
     out._channels_last, out._plain_norm = channels_last, plain_norm
+    out._batched_double = batched_double
     return _Autocast(out) if bf16 else out
 
 
@@ -351,6 +356,11 @@ def variants(w, device, experiments=False) -> dict:
     if w.get("compile") and device.type == "cpu" and w["name"] == "sinusoid":
         # only the MLP's closed-form step is compiled (mlbook.mlp_grad)
         out["mlbook compiled"] = (lambda m: _learner(w, m, compile=True), False)
+    # the same step with autograd's double backward of the grouped convolution
+    # (what mlbook.grouped_conv replaces): the lever's own baseline
+    double = conv and w["method"] == "maml" and device.type == "cuda"
+    if double:
+        out[PLAIN_DOUBLE] = (lambda m: _learner(w, m, batched_double=False), False)
     if conv:
         out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
     if w.get("compile") and conv and w["method"] != "reptile":
@@ -370,6 +380,11 @@ def variants(w, device, experiments=False) -> dict:
             pass
     if device.type == "cuda":
         out["mlbook + graph"] = (lambda m: _learner(w, m), True)
+        if double:
+            out[PLAIN_DOUBLE + " + graph"] = (
+                lambda m: _learner(w, m, batched_double=False),
+                True,
+            )
         if conv:
             out["mlbook bmm + graph"] = (lambda m: _learner(w, m, "bmm"), True)
         if w["method"] == "maml":
@@ -519,6 +534,8 @@ def profile(w, device, steps=3) -> str:
     total_us = sum(e.device_time for e in kernels) if kernels else 0.0
     try:
         table = events.table(sort_by="device_time_total", row_limit=14)
+        # and the operators/kernels that themselves take the time
+        table += "\n" + events.table(sort_by="self_device_time_total", row_limit=25)
     except Exception:  # noqa: BLE001 - older names
         table = events.table(sort_by="cuda_time_total", row_limit=14)
     return (

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .grouped_conv import grouped_conv2d
 from .tasks import TaskBatch
 
 __all__ = ["InnerLoop"]
@@ -217,6 +218,11 @@ class InnerLoop:
         self._channels_last = False
         self._plain_norm = False
         self._norms = None
+        # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
+        # autograd's double backward of F.conv2d (False); None: the first on
+        # CUDA, where autograd's loops over tasks, the second on the CPU, where
+        # its small per-task convolutions were faster (python -m mlbook bench).
+        self._batched_double = None
 
     # -- parameters -----------------------------------------------------------
     def params(self) -> dict:
@@ -338,8 +344,9 @@ class InnerLoop:
         return loss
 
     # -- the functional core ----------------------------------------------------
-    def _forward(self, params, buffers, x, batched, params_batched):
-        """f_params(x) for one task, or for each task of a batch ``[T, K, ...]``."""
+    def _forward(self, params, buffers, x, batched, params_batched, twice=False):
+        """f_params(x) for one task, or for each task of a batch ``[T, K, ...]``.
+        ``twice``: this pass will be differentiated twice (MAML's support set)."""
         if not batched:
             return functional_call(self.model, (params, buffers), (x,))
         if self._plan is not None and params_batched and x.dim() == 3:
@@ -356,14 +363,14 @@ class InnerLoop:
                     h = step(h)
             return h  # [T, K, out]
         if self._conv_plan is not None and params_batched:
-            return self._conv_forward(params, x)
+            return self._conv_forward(params, x, twice)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
         # randomness: each task draws its own dropout masks (and the like)
         return vmap(
             call, in_dims=(0 if params_batched else None, 0), randomness="different"
         )(params, x)
 
-    def _conv_forward(self, params, x):
+    def _conv_forward(self, params, x, twice=False):
         """Conv4 on a batch of tasks ``x: [T, N, C, H, W]`` with per-task
         weights ``[T, ...]``, without vmap: activations are laid out as
         ``[N, T*C, H, W]`` (task t owns channels t*C .. t*C+C-1), so
@@ -384,7 +391,7 @@ class InnerLoop:
         for kind, name, layer in self._conv_plan:
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-                h = self._conv(h, w, b, layer, t)
+                h = self._conv(h, w, b, layer, t, twice)
             elif kind == "norm" and self._plain_norm:
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]
                 mean = h.mean((0, 2, 3), keepdim=True)
@@ -417,10 +424,15 @@ class InnerLoop:
                 )
         return h  # [T, N, classes]
 
-    def _conv(self, h, w, b, layer, t):
+    def _conv(self, h, w, b, layer, t, twice=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
         if self.conv_impl == "grouped":
-            return F.conv2d(
+            # A pass differentiated twice takes the convolution whose second
+            # derivative is batched over tasks (autograd's loops over them).
+            batched = self._batched_double
+            batched = h.is_cuda if batched is None else batched
+            conv = grouped_conv2d if twice and batched else F.conv2d
+            return conv(
                 h, w.reshape(-1, *w.shape[2:]),
                 None if b is None else b.reshape(-1),
                 layer.stride, layer.padding, layer.dilation, groups=t,
@@ -445,9 +457,9 @@ class InnerLoop:
         out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
         return out.reshape(n, -1, h_out, w_out)
 
-    def _losses(self, params, buffers, x, y, batched, params_batched):
+    def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):
         """Loss of each task ``[T]`` (a scalar for one task)."""
-        pred = self._forward(params, buffers, x, batched, params_batched)
+        pred = self._forward(params, buffers, x, batched, params_batched, twice)
         if self.loss_fn is F.mse_loss and pred.shape != y.shape:
             # mse_loss would broadcast [T, K, 1] against [T, K] into nonsense
             raise ValueError(
@@ -491,7 +503,9 @@ class InnerLoop:
                 for k, p in params.items()
             }
             for _ in range(steps):
-                losses = self._losses(params, buffers, x, y, batched, batched)
+                losses = self._losses(
+                    params, buffers, x, y, batched, batched, twice=create_graph
+                )
                 # Task t's loss depends only on its own slice of the batched
                 # weights, so d(sum_t L_t)/d(theta_t) is task t's own gradient.
                 grads = torch.autograd.grad(

@@ -11,10 +11,10 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" times the levers of `bench --experiments`,
-# full-float32 and cudnn.benchmark runs, the compiled torch.func meta-gradient
-# of `bench --compile`, and profiles one step; TESTS picks the
-# test files). CELLS="method shot minutes,..."
+# "tests bench cells"; "speed" times mlbook's second derivative of Conv4
+# against autograd's, with and without cudnn.benchmark, and profiles one
+# step; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
+# --compile`; TESTS picks the test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
 set -u
@@ -67,26 +67,27 @@ if [[ " $parts " == *" notebooks "* ]]; then
 fi
 
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
-  say "levers on the graphed step"
-  timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
-    --skip "per-task loop" --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
-  say "levers with cudnn.benchmark"
-  timeout 60 $py -m mlbook bench --workloads conv4 --experiments --cudnn-benchmark \
-    --skip "per-task loop" --rounds 3 --round-seconds 0.15 \
-    --out "$out/bench_levers_cudnn_benchmark.json"
-  say "full float32 convolutions (no TF32)"
-  timeout 60 $py -m mlbook bench --workloads conv4 --no-tf32-conv \
-    --skip "per-task loop,torch.func vmap,vmap + graph,higher" --rounds 3 \
-    --round-seconds 0.15 --out "$out/bench_fp32.json"
-  say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
-  timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \
-    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
-    --rounds 3 --round-seconds 0.15 --out "$out/bench_compiled.json"
-  echo "bench exit $?"
+  # mlbook's step against the same step with autograd's double backward of
+  # the grouped convolution (mlbook.grouped_conv replaces it), and vmap.
+  say "second derivative: mlbook.grouped_conv against autograd's"
+  timeout 200 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo \
+    --skip "per-task loop,torch.func vmap,mlbook bmm,higher" --rounds 3 \
+    --round-seconds 0.15 --out "$out/bench_speed.json"
+  say "the same with cudnn.benchmark"
+  timeout 100 $py -m mlbook bench --workloads conv4,conv4-20w --cudnn-benchmark \
+    --skip "per-task loop,torch.func vmap,mlbook bmm,higher,mlbook bmm + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
   say "profile of one eager step"
   timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
     --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
     --round-seconds 0.05 --out "$out/bench_profile.json"
+  if [ -n "${COMPILE:-}" ]; then
+    say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
+    timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \
+      --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
+      --rounds 3 --round-seconds 0.15 --out "$out/bench_compiled.json"
+    echo "bench exit $?"
+  fi
 fi
 
 # The faster way of batching Conv4 on this card, read off the benchmark.

@@ -97,10 +97,11 @@ def conv4_forward(params, x, num_blocks=4):
     return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
 
 
-@pytest.mark.parametrize("impl", ["grouped", "bmm", "vmap"])
+@pytest.mark.parametrize("impl", ["grouped", "grouped-batched", "bmm", "vmap"])
 def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
-    # convolution or unfold + bmm, and one batch norm); any other model runs
+    # convolution, with either second derivative, or unfold + bmm, and one
+    # batch norm); any other model runs
     # under vmap. Each is checked, double backward included, against a
     # per-task loop of ordinary autograd.
     gen = torch.Generator().manual_seed(3)
@@ -116,9 +117,13 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     if impl == "vmap":
         maml._conv_plan = None  # what every other model runs
     else:
+        conv_impl = impl.split("-")[0]
         maml = ml.MAML(
-            net, F.cross_entropy, inner_lr=alpha, inner_steps=steps, conv_impl=impl
+            net, F.cross_entropy, inner_lr=alpha, inner_steps=steps, conv_impl=conv_impl
         )
+        # mlbook.grouped_conv for the support pass, and autograd's double
+        # backward of F.conv2d (each device's default is one of the two)
+        maml._batched_double = impl == "grouped-batched"
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
 

@@ -1,0 +1,72 @@
+"""mlbook.grouped_conv: the grouped convolution whose second derivative is
+batched, checked against finite differences and against autograd's own double
+backward of F.conv2d, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from mlbook.grouped_conv import grouped_conv2d
+
+SETTINGS = [(1, 1, 1), (2, 1, 1), (2, 0, 1), (1, 2, 2)]  # stride, padding, dilation
+
+
+def _inputs(device, groups=3, n=2, c=2, o=3, size=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, groups * c, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(groups * o, c, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(groups * o, generator=g, dtype=torch.float64)
+    return [t.to(device).requires_grad_() for t in (h, w, b)]
+
+
+@pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
+def test_values_and_derivatives_match_finite_differences(stride, padding, dilation):
+    h, w, b = _inputs("cpu")
+
+    def conv(h, w, b):
+        return grouped_conv2d(h, w, b, stride, padding, dilation, groups=3)
+
+    torch.testing.assert_close(
+        conv(h, w, b), F.conv2d(h, w, b, stride, padding, dilation, 3)
+    )
+    assert torch.autograd.gradcheck(conv, (h, w, b))
+    assert torch.autograd.gradgradcheck(conv, (h, w, b))
+
+
+@pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
+def test_second_derivative_equals_autograds_double_backward(
+    device, stride, padding, dilation
+):
+    h, w, b = _inputs(device)
+
+    def second(conv):
+        out = conv(h, w, b, stride, padding, dilation, 3)
+        gh, gw = torch.autograd.grad(out.sin().sum(), (h, w), create_graph=True)
+        return torch.autograd.grad(gh.cos().sum() + gw.square().sum(), (h, w))
+
+    for got, want in zip(second(grouped_conv2d), second(F.conv2d)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _convolutions_in_second_backward(conv, groups):
+    h, w, b = _inputs("cpu", groups=groups)
+    out = conv(h, w, b, 1, 1, 1, groups)
+    gh, gw = torch.autograd.grad(out.square().sum(), (h, w), create_graph=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (gh.sum() + gw.sum()).backward()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+def test_second_backward_has_no_loop_over_groups():
+    # What the module is for: autograd's double backward runs one convolution
+    # per group; this one a fixed number, however many groups (tasks).
+    assert _convolutions_in_second_backward(F.conv2d, 8) > 8
+    few = _convolutions_in_second_backward(grouped_conv2d, 8)
+    assert few == _convolutions_in_second_backward(grouped_conv2d, 2) <= 4
+
+
+def test_string_padding_is_refused():
+    h, w, b = _inputs("cpu")
+    with pytest.raises(ValueError, match="numeric padding"):
+        grouped_conv2d(h, w, b, padding="same", groups=3)
