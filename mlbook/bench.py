@@ -271,7 +271,7 @@ def workload(name: str, device) -> dict:
     return w
 
 
-PLAIN_DOUBLE = "mlbook, autograd 2nd"
+PLAIN_DOUBLE = "mlbook autograd-2nd"
 
 
 class _Baseline:

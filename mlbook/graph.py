@@ -66,6 +66,11 @@ class GraphedStep:
                 "the optimizer must be built with capturable=True to be replayed "
                 "in a CUDA graph, e.g. torch.optim.Adam(params, lr, capturable=True)"
             )
+        # The graph reads and writes the learner's, the model's and the
+        # optimizer's tensors (Adam's moments, step) at fixed addresses: hold
+        # them, or a caller that keeps only this object lets them be freed and
+        # each replay writes into memory that others (or nobody) own.
+        self.learner, self.optimizer = learner, optimizer
         self.static = TaskBatch(*(getattr(batch, f).clone() for f in _FIELDS))
 
         saved_params = [p.detach().clone() for p in params]

@@ -11,9 +11,8 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" times mlbook's second derivative of Conv4
-# against autograd's, with and without cudnn.benchmark, and profiles one
-# step; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
+# "tests bench cells"; "speed" adds a cudnn.benchmark run and profiles one
+# step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
 # --compile`; TESTS picks the test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
@@ -43,10 +42,10 @@ fi
 gflag=""; [ "$dev" = cuda ] && gflag="--cuda-graph"
 if [ "$dev" = cuda ] && [[ " $parts " == *" bench "* ]]; then
   say "benchmark"
-  timeout 240 $py -m mlbook bench --device "$dev" --rounds 5 --round-seconds 0.15 \
+  timeout 240 $py -m mlbook bench --device "$dev" --rounds 3 --round-seconds 0.15 \
     --out "$out/bench_gpu.json"
   echo "bench exit $?"
-  say "benchmark, TF32 matmuls (mlbook variants)"
+  [ -n "${TF32:-}" ] && say "benchmark, TF32 matmuls (mlbook variants)" && \
   timeout 90 $py -m mlbook bench --device "$dev" --workloads conv4,conv4-20w --tf32 \
     --skip "per-task loop,torch.func vmap,vmap + graph" --rounds 3 \
     --round-seconds 0.15 --out "$out/bench_gpu_tf32.json"
@@ -67,19 +66,13 @@ if [[ " $parts " == *" notebooks "* ]]; then
 fi
 
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
-  # mlbook's step against the same step with autograd's double backward of
-  # the grouped convolution (mlbook.grouped_conv replaces it), and vmap.
-  say "second derivative: mlbook.grouped_conv against autograd's"
-  timeout 200 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo \
-    --skip "per-task loop,torch.func vmap,mlbook bmm,higher" --rounds 3 \
-    --round-seconds 0.15 --out "$out/bench_speed.json"
-  say "the same with cudnn.benchmark"
+  say "mlbook and its baselines with cudnn.benchmark"
   timeout 100 $py -m mlbook bench --workloads conv4,conv4-20w --cudnn-benchmark \
     --skip "per-task loop,torch.func vmap,mlbook bmm,higher,mlbook bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
   say "profile of one eager step"
   timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
-    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph" \
+    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph,mlbook + graph,mlbook autograd-2nd + graph" \
     --round-seconds 0.05 --out "$out/bench_profile.json"
   if [ -n "${COMPILE:-}" ]; then
     say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"

@@ -125,6 +125,33 @@ class _SyncsWhenCaptured(ml.MAML):
 
 
 @cuda
+def test_the_graph_keeps_alive_what_it_writes_into():
+    # A caller may keep only the GraphedStep; the optimizer's state (which
+    # each replay updates in place) must not be freed under it. Without the
+    # reference a second graph's capture (empty_cache) unmapped that memory
+    # and the first graph's replay hit an illegal address.
+    import gc
+    import weakref
+
+    def graphed():
+        net = ml.models.Conv4(1, 5, hidden=8).cuda()
+        maml = ml.MAML(net, F.cross_entropy, inner_lr=0.4)
+        opt = torch.optim.Adam(net.parameters(), 1e-3, capturable=True)
+        step = GraphedStep(maml, opt, episodes(4, 5, 1, 2, 0).to("cuda"))
+        return step, weakref.ref(opt), weakref.ref(maml)
+
+    first, opt, learner = graphed()
+    gc.collect()
+    assert opt() is not None and learner() is not None
+    second, _, _ = graphed()  # a second capture in the same process
+    batch = episodes(4, 5, 1, 2, 1).to("cuda")
+    for _ in range(3):
+        loss_a, loss_b = first(batch), second(batch)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss_a) and torch.isfinite(loss_b)
+
+
+@cuda
 def test_a_failed_capture_leaves_model_and_optimizer_as_they_were():
     torch.manual_seed(0)
     net = ml.models.Conv4(1, 5, hidden=16).cuda()
