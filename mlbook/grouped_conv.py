@@ -55,11 +55,12 @@ class _GroupedConv2d(torch.autograd.Function):
                 grad_out, w, None, stride, padding, extra, groups, dilation
             )
         if ctx.needs_input_grad[1]:
-            n = h.shape[0]
-            cols = F.unfold(h, w.shape[2:], dilation, padding, stride)
-            cols = cols.reshape(n, groups, -1, cols.shape[-1])  # [N, T, C*k*k, L]
-            g = grad_out.reshape(n, groups, -1, cols.shape[-1])  # [N, T, O, L]
-            grad_w = torch.einsum("ntol,ntkl->tok", g, cols).reshape(w.shape)
+            # autograd's own weight gradient: differentiated again it needs no
+            # gradient of grad_h, so the double backward skips its loop
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_out, h, w, None, stride, padding, dilation, False, (0, 0),
+                groups, (False, True, False),
+            )[1]
         return grad_h, grad_w, None, None, None, None
 
 
