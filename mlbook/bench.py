@@ -132,7 +132,10 @@ def _conv4_losses(params, x, y):
     ``[T, ...]`` on ``x: [T, N, C, H, W]``: the tasks' channels side by side
     (one grouped convolution per layer), written out with the Conv4 shape
     fixed so that torch.compile sees only tensors (mlbook's own batched
-    forward reads its layer objects, on which compile would guard)."""
+    forward reads its layer objects, on which compile would guard).
+    Plain F.conv2d, not mlbook.grouped_conv: compiled, torch.func's second
+    derivative through that autograd.Function came out wrong (torch 2.13,
+    CPU; eager it is exact)."""
     t, n = x.shape[:2]
     h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
     for i in range(0, 16, 4):  # conv -> batch norm -> ReLU -> max-pool
@@ -574,7 +577,9 @@ def format_rows(rows, compact: bool = False) -> str:
     ]
     if compact:
         cols = [c for c in cols if c[0] not in ("steps/s", "tasks/s")]
-    head = f"{'workload':<14} {'variant':<19} " + " ".join(
+    # the variant column as wide as its longest label, 19 at least
+    wide = max([19] + [len(r["variant"]) for r in rows])
+    head = f"{'workload':<14} {'variant':<{wide}} " + " ".join(
         f"{name:>{width}}" for name, width in cols
     )
     lines = [head, "-" * len(head)]
@@ -588,7 +593,7 @@ def format_rows(rows, compact: bool = False) -> str:
             "rel err": f"{r['rel_err_vs_float64']:.1e}",
         }
         lines.append(
-            f"{r['workload']:<14} {r['variant']:<19} "
+            f"{r['workload']:<14} {r['variant']:<{wide}} "
             + " ".join(f"{cell[name]:>{width}}" for name, width in cols)
         )
     return "\n".join(lines)

@@ -219,9 +219,10 @@ class InnerLoop:
         self._plain_norm = False
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
-        # autograd's double backward of F.conv2d (False); None: the first on
-        # CUDA, where autograd's loops over tasks, the second on the CPU, where
-        # its small per-task convolutions were faster (python -m mlbook bench).
+        # autograd's double backward of F.conv2d (False). None: the first on
+        # CUDA, where autograd's per-task loop made the step 1.3-1.5x slower
+        # (records/bench-h200-conv4.json); the second on the CPU, where
+        # MAML.step runs Conv4 one task per pass (one group, no loop).
         self._batched_double = None
 
     # -- parameters -----------------------------------------------------------

@@ -66,10 +66,7 @@ def test_shipped_records_name_their_command_and_device():
 
 
 def test_readme_speed_table_matches_the_record():
-    rows = {
-        (r["workload"], r["variant"]): r["ms_per_step"]
-        for r in bench.load_record("bench-h200")["rows"]
-    }
+    # each row names the record (one benchmark run) its figures come from
     columns = [
         "per-task loop",
         "torch.func vmap",
@@ -93,8 +90,13 @@ def test_readme_speed_table_matches_the_record():
         if key is None:
             continue
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")[1:]]
-        if len(cells) != len(columns):  # a row of the CPU table
+        if len(cells) != len(columns) + 1:  # a row of the CPU table
             continue
+        *cells, name = cells
+        rows = {
+            (r["workload"], r["variant"]): r["ms_per_step"]
+            for r in bench.load_record(name)["rows"]
+        }
         for variant, cell in zip(columns, cells):
             if cell == "-":
                 assert (key, variant) not in rows
@@ -103,6 +105,47 @@ def test_readme_speed_table_matches_the_record():
             assert float(cell) == round(rows[key, variant], decimals), (key, variant)
         seen += 1
     assert seen == len(workloads)
+
+
+def test_readme_second_derivative_figures_match_their_records():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    after = {
+        (r["workload"], r["variant"]): r
+        for r in bench.load_record("bench-h200-conv4")["rows"]
+    }
+    before = {
+        (r["workload"], r["variant"]): r
+        for r in bench.load_record("bench-h200")["rows"]
+    }
+    old = [
+        after[w, bench.PLAIN_DOUBLE + " + graph"]["ms_per_step"]
+        for w in ("conv4", "conv4-20w")
+    ]
+    new = [after[w, "mlbook + graph"]["ms_per_step"] for w in ("conv4", "conv4-20w")]
+    assert f"{old[0]:.2f} and {old[1]:.2f} ms in the graph" in text
+    assert f"worth {old[0] / new[0]:.2f}x and {old[1] / new[1]:.2f}x" in text
+    loop = [
+        before[w, v]["ms_per_step"]
+        for w in ("conv4", "conv4-20w")
+        for v in ("per-task loop", "torch.func vmap")
+    ]
+    assert "({:.1f} and {:.1f} ms; {:.1f} and {:.1f} ms)".format(*loop) in text
+    mib = [
+        after[w, v]["peak_mib"]
+        for w in ("conv4", "conv4-20w")
+        for v in ("mlbook + graph", "vmap + graph")
+    ]
+    assert "{:,.0f} MiB (mlbook) against {:,.0f} MiB".format(*mib[:2]) in text
+    assert "20-way: {:,.0f} against {:,.0f} MiB".format(*mib[2:]) in text
+    tuned = {
+        r["workload"]: r["ms_per_step"]
+        for r in bench.load_record("bench-h200-conv4-cudnn-benchmark")["rows"]
+        if r["variant"] == "mlbook + graph"
+    }
+    assert f"({tuned['conv4']:.2f} and {tuned['conv4-20w']:.1f} ms," in text
+    profile = bench.load_record("bench-h200-profile-grouped-conv")
+    assert f"({profile['kernel_ms_per_step']:.1f} ms of kernel time" in text
+    assert f"{profile['kernels_per_step']} kernels" in text
 
 
 def test_readme_cpu_table_matches_the_records():
