@@ -325,6 +325,11 @@ def _learner(
     return _Autocast(out) if bf16 else out
 
 
+def _fused_adam(learner):
+    learner.fused_adam = True  # read by _setup
+    return learner
+
+
 class _Autocast:
     """A learner whose step runs under bfloat16 autocast (an experiment)."""
 
@@ -353,6 +358,7 @@ def variants(w, device, experiments=False) -> dict:
                 True,
             ),
             "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
+            "fused Adam + graph": (lambda m: _fused_adam(_learner(w, m)), True),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
@@ -404,10 +410,14 @@ def _setup(w, make_stepper, graphed, device, dtype=torch.float32, batch=None):
     torch.manual_seed(0)
     model = w["make"]().to(device=device, dtype=dtype)
     stepper = make_stepper(model)
+    # a stepper may ask for the fused Adam kernel (an experiment)
+    fused = getattr(stepper, "fused_adam", None)
     opt = (
         None
         if w["method"] == "reptile"
-        else torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphed)
+        else torch.optim.Adam(
+            model.parameters(), lr=1e-3, capturable=graphed, fused=fused
+        )
     )
     batch = w["batch"] if batch is None else batch
     if graphed:

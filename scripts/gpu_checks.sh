@@ -11,8 +11,8 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" adds a cudnn.benchmark run and profiles one
-# step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
+# "tests bench cells"; "speed" adds a cudnn.benchmark run, fused Adam in the
+# graphed step, and profiles one step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
 # --compile`; TESTS picks the test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
@@ -70,6 +70,10 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   timeout 100 $py -m mlbook bench --workloads conv4,conv4-20w --cudnn-benchmark \
     --skip "per-task loop,torch.func vmap,mlbook bmm,higher,mlbook bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
+  say "fused Adam in the graphed step (an experiment)"
+  timeout 60 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
+    --skip "per-task loop,NHWC + graph,plain BN + graph,bf16 + graph,bf16 NHWC + graph,bmm bf16 + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_fused_adam.json"
   say "profile of one eager step"
   timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
     --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph,mlbook + graph,mlbook autograd-2nd + graph" \
