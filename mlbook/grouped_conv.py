@@ -8,7 +8,7 @@ of a grouped convolution (``_convolution_double_backward``, torch 2.11 and
 the input gradient, one group at a time: T small convolutions per layer whose
 input needs a gradient (3 layers x 32 tasks = 96 of them per 5-way step).
 
-``grouped_conv2d`` has the same forward and first derivative,
+``grouped_conv2d`` has the same forward and first derivative::
 
     out[n, t]     = sum_c w_t[:, c] * h[n, t, c]               (* = 2-d conv)
     dL/dh[n, t]   = conv_transpose(dL/dout[n, t], w_t)
@@ -52,7 +52,8 @@ class _GroupedConv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            # output_padding: the rows/columns a strided convolution skipped
+            # dL/dh[n, t] = conv_transpose(dL/dout[n, t], w_t); output_padding:
+            # the rows/columns a strided convolution skipped
             extra = [
                 h.shape[2 + d]
                 - (
@@ -67,8 +68,9 @@ class _GroupedConv2d(torch.autograd.Function):
                 grad_out, w, None, stride, padding, extra, groups, dilation
             )
         if ctx.needs_input_grad[1]:
-            # autograd's own weight gradient: differentiated again it needs no
-            # gradient of grad_h, so the double backward skips its loop
+            # dL/dw_t = sum_n dL/dout[n, t] (x) h[n, t], autograd's own weight
+            # gradient: differentiated again it is handed no gradient of an
+            # input gradient, so its double backward skips the loop
             grad_w = torch.ops.aten.convolution_backward(
                 grad_out,
                 h,
