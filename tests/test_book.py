@@ -22,7 +22,7 @@ TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 BIB = BOOK / "references.bib"
 
 INSTALL_CELL = """\
-# In Colab, install mlbook when it is missing (the book's own build already has it).
+# In Colab, install mlbook when it is missing (the book's build has it).
 try:
     import mlbook
 except ImportError:
