@@ -190,6 +190,19 @@ def test_chapter_has_figure_and_asserts(entry):
 
 
 @pytest.mark.parametrize("entry", CHAPTERS)
+def test_code_lines_fit_the_code_box(entry):
+    # the built book shows about 79 characters of a code line; the rest is cut
+    long = [
+        line
+        for c in _notebook(entry).cells
+        if c.cell_type == "code"
+        for line in c.source.splitlines()
+        if len(line) > 79
+    ]
+    assert not long, long
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
 def test_chapter_closing_sections(entry):
     cells = _notebook(entry).cells
     summary = _heading_position(cells, "Summary")
