@@ -298,6 +298,7 @@ def _learner(
     bf16=False,
     compile=False,
     batched_double=None,
+    fused_adam=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -322,12 +323,8 @@ def _learner(
         )
     out._channels_last, out._plain_norm = channels_last, plain_norm
     out._batched_double = batched_double
+    out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
-
-
-def _fused_adam(learner):
-    learner.fused_adam = True  # read by _setup
-    return learner
 
 
 class _Autocast:
@@ -358,7 +355,7 @@ def variants(w, device, experiments=False) -> dict:
                 True,
             ),
             "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
-            "fused Adam + graph": (lambda m: _fused_adam(_learner(w, m)), True),
+            "fused Adam + graph": (lambda m: _learner(w, m, fused_adam=True), True),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}

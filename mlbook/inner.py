@@ -430,9 +430,9 @@ class InnerLoop:
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
-            batched = self._batched_double
-            batched = h.is_cuda if batched is None else batched
-            conv = grouped_conv2d if twice and batched else F.conv2d
+            own = self._batched_double
+            own = h.is_cuda if own is None else own
+            conv = grouped_conv2d if twice and own else F.conv2d
             return conv(
                 h, w.reshape(-1, *w.shape[2:]),
                 None if b is None else b.reshape(-1),
