@@ -5,7 +5,7 @@ hundreds of small kernels; launching them from Python costs more than running
 them. A CUDA graph records the kernels of one step once and replays them with
 a single launch: the episode is copied into fixed input buffers, the graph
 runs forward, inner gradients, second-order backward and the optimizer step,
-and the loss lands in a fixed output tensor.
+and the loss lands in a fixed output tensor. In code::
 
     step = GraphedStep(learner, optimizer, batch)   # captures once
     loss = step(next_batch)                          # replays: a device tensor
