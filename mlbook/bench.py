@@ -299,6 +299,8 @@ def _learner(
     compile=False,
     batched_double=None,
     fused_adam=False,
+    fused_block=False,
+    one_channel_matmul=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -323,6 +325,7 @@ def _learner(
         )
     out._channels_last, out._plain_norm = channels_last, plain_norm
     out._batched_double = batched_double
+    out._fused_block, out._one_channel_matmul = fused_block, one_channel_matmul
     out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
 
@@ -356,6 +359,18 @@ def variants(w, device, experiments=False) -> dict:
             ),
             "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
             "fused Adam + graph": (lambda m: _learner(w, m, fused_adam=True), True),
+            # mlbook.fused_block, and the first layer as one batched matmul
+            "fused block + graph": (lambda m: _learner(w, m, fused_block=True), True),
+            "conv1 matmul + graph": (
+                lambda m: _learner(w, m, one_channel_matmul=True),
+                True,
+            ),
+            "levers combined + graph": (
+                lambda m: _learner(
+                    w, m, fused_block=True, one_channel_matmul=True, fused_adam=True
+                ),
+                True,
+            ),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
@@ -523,13 +538,17 @@ def run_workload(w, device, rounds, round_seconds=0.25, skip=(), experiments=Fal
     return rows
 
 
-def profile(w, device, steps=3) -> str:
+def profile(w, device, steps=3, levers=False) -> str:
     """Where the GPU time of one eager mlbook step goes: the top kernels by
-    device time, and how many kernels one step launches."""
+    device time, and how many kernels one step launches. ``levers``: the step
+    of the "levers combined" experiment instead."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    _, run = _setup(w, lambda m: _learner(w, m), False, device)
+    kw = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
+    _, run = _setup(
+        w, lambda m: _learner(w, m, **(kw if levers else {})), False, device
+    )
     for _ in range(3):
         run(w["batch"])
     _sync(device)
@@ -549,7 +568,8 @@ def profile(w, device, steps=3) -> str:
     except Exception:  # noqa: BLE001 - older names
         table = events.table(sort_by="cuda_time_total", row_limit=14)
     return (
-        f"{w['name']}: {len(kernels) / steps:.0f} kernels per step, "
+        f"{w['name']}{' (levers combined)' if levers else ''}: "
+        f"{len(kernels) / steps:.0f} kernels per step, "
         f"{total_us / steps / 1e3:.2f} ms of kernel time per step\n{table}"
     )
 
@@ -701,9 +721,11 @@ def main(argv=None):
             w, device, args.rounds, args.round_seconds, skip, args.experiments
         )
         print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
-        if args.profile:
+        for levers in [False, True] if args.experiments else [False]:
+            if not args.profile:
+                break
             try:
-                print(profile(w, device), flush=True)
+                print(profile(w, device, levers=levers), flush=True)
             except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
                 print(f"profile of {name} failed: {type(e).__name__}: {e}")
     dev = torch.cuda.get_device_name(device) if cuda else _machine()

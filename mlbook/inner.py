@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .fused_block import bn_relu_pool
 from .grouped_conv import grouped_conv2d
 from .tasks import TaskBatch
 
@@ -125,6 +126,29 @@ def _conv_plan(model: nn.Module):
     return plan + [("head", "head", model.head)]
 
 
+def _fusable(plan, i):
+    """Whether plan[i] (a batch norm) is followed by a ReLU and a 2x2 max-pool,
+    the block mlbook.fused_block computes as one."""
+    if i + 2 >= len(plan) or plan[i + 1][0] != "act" or plan[i + 2][0] != "pool":
+        return False
+    act, pool = plan[i + 1][2], plan[i + 2][2]
+    norm = plan[i][2]
+    return (
+        type(act) is nn.ReLU
+        and norm.affine
+        and _pair(pool.kernel_size) == (2, 2)
+        and _pair(pool.stride or pool.kernel_size) == (2, 2)
+        and _pair(pool.padding) == (0, 0)
+        and _pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def _positive(name, value, kind=float, allow_zero=False):
     ok = isinstance(value, (int, float) if kind is float else int)
     ok = ok and not isinstance(value, bool) and math.isfinite(value)
@@ -217,6 +241,10 @@ class InnerLoop:
         # channels-last activations, batch norm written with plain ops.
         self._channels_last = False
         self._plain_norm = False
+        # batch norm -> ReLU -> max-pool compiled as one (mlbook.fused_block);
+        # first-layer filters on one input channel as one batched matmul
+        self._fused_block = False
+        self._one_channel_matmul = False
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
         # autograd's double backward of F.conv2d (False). None: the first on
@@ -389,10 +417,17 @@ class InnerLoop:
         h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
         if self._channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        for kind, name, layer in self._conv_plan:
+        plan, i = self._conv_plan, 0
+        while i < len(plan):
+            kind, name, layer = plan[i]
+            i += 1
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 h = self._conv(h, w, b, layer, t, twice)
+            elif kind == "norm" and self._fused_block and _fusable(plan, i - 1):
+                g, b = params[f"{name}.weight"], params[f"{name}.bias"]
+                h = bn_relu_pool(h, g.reshape(-1), b.reshape(-1), layer.eps)
+                i += 2  # the ReLU and the max-pool are in it
             elif kind == "norm" and self._plain_norm:
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]
                 mean = h.mean((0, 2, 3), keepdim=True)
@@ -427,6 +462,8 @@ class InnerLoop:
 
     def _conv(self, h, w, b, layer, t, twice=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
+        if self.conv_impl == "grouped" and self._one_channel_matmul and w.shape[2] == 1:
+            return self._one_channel_conv(h, w, b, layer, t)
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
@@ -456,6 +493,33 @@ class InnerLoop:
         h_out = (height + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
         w_out = (width + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
         out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
+        return out.reshape(n, -1, h_out, w_out)
+
+    def _one_channel_conv(self, h, w, b, layer, t):
+        """Filters on one input channel per task (Conv4's first layer), as a
+        matmul. On CUDA, ``F.conv2d`` sends a grouped convolution with one
+        input channel per group to its own depthwise kernel (not cuDNN),
+        which took ~1 ms of a 5-way step on the H200. Per example n, task t::
+
+            out[n, t] = w_t [C_out, k*k]  @  patches[n, t] [k*k, L]
+
+        one batched matmul over (n, t) whose result is already laid out as
+        ``[N, T*C_out, L]``.
+        """
+        n, _, height, width = h.shape
+        k, pad, stride, dil = (
+            layer.kernel_size,
+            layer.padding,
+            layer.stride,
+            layer.dilation,
+        )
+        cols = F.unfold(h, k, dil, pad, stride)  # [N, T*k*k, L]
+        cols = cols.view(n, t, -1, cols.shape[-1])
+        out = torch.matmul(w.reshape(t, w.shape[1], -1), cols)  # [N, T, C_out, L]
+        if b is not None:
+            out = out + b.unsqueeze(-1)
+        h_out = (height + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+        w_out = (width + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
         return out.reshape(n, -1, h_out, w_out)
 
     def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):

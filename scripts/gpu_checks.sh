@@ -11,8 +11,9 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" adds a cudnn.benchmark run, fused Adam in the
-# graphed step, and profiles one step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
+# "tests bench cells"; "speed" adds a cudnn.benchmark run, the levers of
+# `bench --experiments` (fused Adam, mlbook.fused_block, the first convolution
+# as a matmul) in the graphed step, and profiles of one step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
 # --compile`; TESTS picks the test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
@@ -70,13 +71,15 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   timeout 100 $py -m mlbook bench --workloads conv4,conv4-20w --cudnn-benchmark \
     --skip "per-task loop,torch.func vmap,mlbook bmm,higher,mlbook bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
-  say "fused Adam in the graphed step (an experiment)"
-  timeout 60 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
+  say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
+  # the first run compiles mlbook.fused_block (torch.compile) for each shape
+  timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
     --skip "per-task loop,NHWC + graph,plain BN + graph,bf16 + graph,bf16 NHWC + graph,bmm bf16 + graph" \
-    --rounds 3 --round-seconds 0.15 --out "$out/bench_fused_adam.json"
-  say "profile of one eager step"
-  timeout 60 $py -m mlbook bench --workloads conv4 --profile --rounds 1 \
-    --skip "per-task loop,torch.func vmap,vmap + graph,higher,mlbook bmm,mlbook bmm + graph,mlbook + graph,mlbook autograd-2nd + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
+  echo "bench exit $?"
+  say "profiles of one eager step: mlbook, then the levers combined"
+  timeout 120 $py -m mlbook bench --workloads conv4 --profile --experiments --rounds 1 \
+    --skip "per-task loop,NHWC + graph,plain BN + graph,bf16 + graph,bf16 NHWC + graph,bmm bf16 + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph" \
     --round-seconds 0.05 --out "$out/bench_profile.json"
   if [ -n "${COMPILE:-}" ]; then
     say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"

@@ -97,7 +97,9 @@ def conv4_forward(params, x, num_blocks=4):
     return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
 
 
-@pytest.mark.parametrize("impl", ["grouped", "grouped-batched", "bmm", "vmap"])
+@pytest.mark.parametrize(
+    "impl", ["grouped", "grouped-batched", "grouped-levers", "bmm", "vmap"]
+)
 def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
     # convolution, with either second derivative, or unfold + bmm, and one
@@ -123,7 +125,10 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
         )
         # mlbook.grouped_conv for the support pass, and autograd's double
         # backward of F.conv2d (each device's default is one of the two)
-        maml._batched_double = impl == "grouped-batched"
+        maml._batched_double = impl != "grouped"
+        # the speed experiments: mlbook.fused_block (compiled) and the first
+        # layer as a batched matmul
+        maml._fused_block = maml._one_channel_matmul = impl == "grouped-levers"
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
 

@@ -1,0 +1,126 @@
+"""Batch norm -> ReLU -> 2x2 max-pool as one operation, compiled.
+
+A speed experiment for second-order MAML on the GPU (``python -m mlbook bench
+--experiments``), not yet the default. The H200 profile of a 5-way Conv4 step
+(``mlbook/records/bench-h200-profile-grouped-conv.json``) spends most of its
+kernel time outside the convolutions: autograd's double backward of batch norm
+alone is about 40 small element-wise and reduction kernels per layer, then
+ReLU's and max-pool's backward and their derivatives. Each reads and writes
+whole activations. Here the three layers are one ``autograd.Function`` whose
+forward and backward are each one ``torch.compile``d function; autograd
+differentiates the backward (second order) through the compiled function's
+own backward, so the double backward is fused code too.
+
+Per channel, over the ``m = N * H * W`` values of the batch::
+
+    mu = mean(h),  var = mean((h - mu)^2),  xhat = (h - mu) / sqrt(var + eps)
+    z  = gamma * xhat + beta,  a = max(z, 0),  y = maxpool2x2(a)
+
+and, given ``gy = dL/dy``::
+
+    ga        = gy routed to each window's maximum (the forward's indices)
+    gz        = ga * [z > 0]
+    dL/dbeta  = sum gz,   dL/dgamma = sum gz * xhat
+    dL/dh     = gamma / sqrt(var + eps) * (gz - dL/dbeta / m - xhat * dL/dgamma / m)
+
+The same function and derivatives as ``F.batch_norm`` (training statistics, no
+running ones), ``torch.relu`` and ``F.max_pool2d(a, 2)``, to float64 rounding:
+``tests/test_fused_block.py``.
+"""
+
+import torch
+
+_POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, pad, dil, ceil
+
+
+def _normalize(h, gamma, beta, eps):
+    # mu, var, xhat, z of the module docstring, per channel over (N, H, W)
+    mean = h.mean((0, 2, 3), keepdim=True)
+    var = (h - mean).square().mean((0, 2, 3), keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (h - mean) * rstd
+    return xhat, rstd, xhat * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+
+
+def _forward(h, gamma, beta, eps):
+    # y = maxpool2x2(max(z, 0)), and where each window's maximum was
+    _, _, z = _normalize(h, gamma, beta, eps)
+    return torch.ops.aten.max_pool2d_with_indices(torch.relu(z), *_POOL[:4])
+
+
+def _backward(gy, indices, h, gamma, beta, eps):
+    # Recomputes xhat and z from h rather than saving them: fused, that is one
+    # more read of h, and it keeps the statistics functions of h, as the
+    # second derivative needs them to be.
+    xhat, rstd, z = _normalize(h, gamma, beta, eps)
+    a = torch.relu(z)
+    ga = torch.ops.aten.max_pool2d_with_indices_backward(gy, a, *_POOL, indices)
+    gz = torch.where(z > 0, ga, torch.zeros_like(ga))  # ReLU'(0) = 0, as torch
+    g_beta = gz.sum((0, 2, 3))
+    g_gamma = (gz * xhat).sum((0, 2, 3))
+    m = h.shape[0] * h.shape[2] * h.shape[3]
+    g_h = (gamma.view(1, -1, 1, 1) * rstd) * (
+        gz - g_beta.view(1, -1, 1, 1) / m - xhat * (g_gamma.view(1, -1, 1, 1) / m)
+    )
+    return g_h, g_gamma, g_beta
+
+
+_COMPILED = {}
+
+
+def _fn(name, compiled):
+    fn = {"forward": _forward, "backward": _backward}[name]
+    if not compiled:
+        return fn
+    if name not in _COMPILED:  # torch.compile imports dynamo: only when asked
+        _COMPILED[name] = _with_recompiles(torch.compile(fn))
+    return _COMPILED[name]
+
+
+def _with_recompiles(compiled_fn):
+    # Conv4 calls each function at ~8 shapes (4 layers, support and query;
+    # sizes of 1 are specialized) with and without autograd recording: more
+    # than dynamo's default of 8 compiled versions per function, past which it
+    # silently runs the eager formulas. The limit is raised for these calls
+    # only; a step that revisits a shape reuses its compiled version.
+    import torch._dynamo
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return compiled_fn(*args)
+
+    return call
+
+
+class _BnReluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, gamma, beta, eps, compiled):
+        out, indices = _fn("forward", compiled)(h, gamma, beta, eps)
+        ctx.save_for_backward(indices, h, gamma, beta)
+        ctx.conf = (eps, compiled)
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        # No @once_differentiable: under create_graph autograd records the
+        # compiled backward, whose own backward gives the second derivative.
+        indices, h, gamma, beta = ctx.saved_tensors
+        eps, compiled = ctx.conf
+        grads = _fn("backward", compiled)(grad_out, indices, h, gamma, beta, eps)
+        return (*grads, None, None)
+
+
+def bn_relu_pool(h, gamma, beta, eps=1e-5, compiled=True):
+    """``F.max_pool2d(torch.relu(F.batch_norm(h, None, None, gamma, beta,
+    training=True, eps=eps)), 2)`` for ``h: [N, C, H, W]``, with a fused
+    forward, backward and double backward (see the module).
+    ``compiled=False`` runs the same formulas eagerly."""
+    if h.dim() != 4:
+        raise ValueError(f"h must be [N, C, H, W], got shape {tuple(h.shape)}")
+    if gamma.shape != (h.shape[1],) or beta.shape != (h.shape[1],):
+        raise ValueError(
+            f"gamma and beta must have shape ({h.shape[1]},), got "
+            f"{tuple(gamma.shape)} and {tuple(beta.shape)}"
+        )
+    return _BnReluPool.apply(h, gamma, beta, float(eps), bool(compiled))[0]

@@ -1,0 +1,92 @@
+"""mlbook.fused_block: batch norm -> ReLU -> 2x2 max-pool with hand-written
+derivatives, checked against finite differences and against autograd through
+F.batch_norm, torch.relu and F.max_pool2d, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlbook.fused_block import bn_relu_pool
+from mlbook.inner import _conv_plan, _fusable
+from mlbook.models import Conv4
+
+SIZES = [(3, 4, 6, 6), (2, 3, 7, 5)]  # an odd side: the pool drops its last row
+
+
+def _inputs(device, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, generator=g, dtype=torch.float64)
+    gamma = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    beta = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    return [t.to(device).requires_grad_() for t in (h, gamma, beta)]
+
+
+def _reference(h, gamma, beta, eps=1e-5):
+    z = F.batch_norm(h, None, None, gamma, beta, training=True, eps=eps)
+    return F.max_pool2d(torch.relu(z), 2)
+
+
+def _derivatives(fn, h, gamma, beta):
+    """Output, first derivatives of a loss whose upstream gradient depends on
+    the output (so the second derivative sees it), and second derivatives."""
+    g = torch.Generator().manual_seed(1)
+    y = fn(h, gamma, beta)
+    v = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
+    u = torch.randn(h.shape, generator=g, dtype=h.dtype).to(h.device)
+    first = torch.autograd.grad(
+        (y.square() * v).sum(), (h, gamma, beta), create_graph=True
+    )
+    s = (first[0] * u).sum() + first[1].square().sum() + first[2].pow(3).sum()
+    second = torch.autograd.grad(s, (h, gamma, beta), allow_unused=True)
+    # d(dL/dbeta)/dbeta is zero and autograd's graph may not reach it
+    second = [
+        torch.zeros_like(p) if d is None else d
+        for d, p in zip(second, (h, gamma, beta))
+    ]
+    return [y, *first, *second]
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_eager_formulas_match_finite_differences(shape):
+    h, gamma, beta = _inputs("cpu", shape)
+
+    def block(h, gamma, beta):
+        return bn_relu_pool(h, gamma, beta, compiled=False)
+
+    torch.testing.assert_close(block(h, gamma, beta), _reference(h, gamma, beta))
+    assert torch.autograd.gradcheck(block, (h, gamma, beta))
+    assert torch.autograd.gradgradcheck(block, (h, gamma, beta))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_second_derivatives_equal_autograds(device, compiled):
+    h, gamma, beta = _inputs(device, SIZES[1])
+    got = _derivatives(
+        lambda h, g, b: bn_relu_pool(h, g, b, compiled=compiled), h, gamma, beta
+    )
+    expected = _derivatives(_reference, h, gamma, beta)
+    for name, a, e in zip(
+        ["y", "dh", "dgamma", "dbeta", "d2h", "d2gamma", "d2beta"], got, expected
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_bad_shapes_are_refused_before_compute():
+    h, gamma, beta = _inputs("cpu", SIZES[0])
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        bn_relu_pool(h.flatten(2), gamma, beta)
+    with pytest.raises(ValueError, match="gamma and beta"):
+        bn_relu_pool(h, gamma[:2], beta)
+
+
+def test_only_the_exact_block_is_fused():
+    plan = _conv_plan(Conv4(1, 5, hidden=4))
+    norms = [i for i, step in enumerate(plan) if step[0] == "norm"]
+    assert norms and all(_fusable(plan, i) for i in norms)
+    # a 3x3 pool, or a norm without affine weights, runs op by op
+    plan = _conv_plan(Conv4(1, 5, hidden=4))
+    plan[3][2].kernel_size = 3
+    assert not _fusable(plan, 1)
+    plan = _conv_plan(Conv4(1, 5, hidden=4))
+    plan[1][2].affine = False
+    assert not _fusable(plan, 1)
