@@ -28,6 +28,8 @@ running ones), ``torch.relu`` and ``F.max_pool2d(a, 2)``, to float64 rounding:
 ``tests/test_fused_block.py``.
 """
 
+import warnings
+
 import torch
 
 _POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, pad, dil, ceil
@@ -66,18 +68,19 @@ def _backward(gy, indices, h, gamma, beta, eps):
 
 
 _COMPILED = {}
+compile_error = None  # why torch.compile failed here, if it did (then: eager)
 
 
 def _fn(name, compiled):
     fn = {"forward": _forward, "backward": _backward}[name]
-    if not compiled:
+    if not compiled or compile_error is not None:
         return fn
     if name not in _COMPILED:  # torch.compile imports dynamo: only when asked
-        _COMPILED[name] = _with_recompiles(torch.compile(fn))
+        _COMPILED[name] = _with_recompiles(torch.compile(fn), fn)
     return _COMPILED[name]
 
 
-def _with_recompiles(compiled_fn):
+def _with_recompiles(compiled_fn, fn):
     # Conv4 calls each function at ~8 shapes (4 layers, support and query;
     # sizes of 1 are specialized) with and without autograd recording: more
     # than dynamo's default of 8 compiled versions per function, past which it
@@ -86,8 +89,20 @@ def _with_recompiles(compiled_fn):
     import torch._dynamo
 
     def call(*args):
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return compiled_fn(*args)
+        global compile_error
+        if compile_error is not None:
+            return fn(*args)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return compiled_fn(*args)
+        except Exception as err:  # noqa: BLE001 - no C++ compiler, say: eager
+            compile_error = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"torch.compile failed ({compile_error}); mlbook.fused_block "
+                "runs its formulas eagerly (same numbers, not fused)",
+                stacklevel=2,
+            )
+            return fn(*args)
 
     return call
 
