@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 parts=${PARTS:-tests bench cells}
-tests=${TESTS:-tests/test_graph.py tests/test_maml.py tests/test_reptile_transfer.py tests/test_train.py tests/test_tasks_and_errors.py}
+tests=${TESTS:-tests/test_graph.py tests/test_maml.py tests/test_grouped_conv.py tests/test_fused_block.py tests/test_reptile_transfer.py tests/test_train.py tests/test_tasks_and_errors.py}
 if [[ " $parts " == *" tests "* ]]; then
   say "unit tests (CUDA cases included where a GPU is visible)"
   timeout 240 $py -m pytest -q -p no:cacheprovider $tests >"$out/tests.log" 2>&1
