@@ -31,6 +31,7 @@ running ones), ``torch.relu`` and ``F.max_pool2d(a, 2)``, to float64 rounding:
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 _POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, pad, dil, ceil
 
@@ -108,13 +109,18 @@ def _with_recompiles(compiled_fn, fn):
 
 
 class _BnReluPool(torch.autograd.Function):
+    # forward and setup_context apart: the form torch.func transforms accept
     @staticmethod
-    def forward(ctx, h, gamma, beta, eps, compiled):
-        out, indices = _fn("forward", compiled)(h, gamma, beta, eps)
+    def forward(h, gamma, beta, eps, compiled):
+        return _fn("forward", compiled)(h, gamma, beta, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, gamma, beta, eps, compiled = inputs
+        indices = output[1]
         ctx.save_for_backward(indices, h, gamma, beta)
         ctx.conf = (eps, compiled)
         ctx.mark_non_differentiable(indices)
-        return out, indices
 
     @staticmethod
     def backward(ctx, grad_out, _):
@@ -138,4 +144,11 @@ def bn_relu_pool(h, gamma, beta, eps=1e-5, compiled=True):
             f"gamma and beta must have shape ({h.shape[1]},), got "
             f"{tuple(gamma.shape)} and {tuple(beta.shape)}"
         )
+    if torch.compiler.is_compiling():
+        # Inside a region torch.compile traces, the plain composition: that
+        # compile fuses it anyway, and tracing custom Functions under
+        # torch.func's grad of grad is where compile has gone wrong
+        # (mlbook.grouped_conv)
+        z = F.batch_norm(h, None, None, gamma, beta, training=True, eps=eps)
+        return F.max_pool2d(torch.relu(z), 2)
     return _BnReluPool.apply(h, gamma, beta, float(eps), bool(compiled))[0]

@@ -110,3 +110,42 @@ def test_a_failed_compile_warns_and_runs_the_same_formulas(monkeypatch):
         y = bn_relu_pool(h, gamma, beta)
     torch.testing.assert_close(y, _reference(h, gamma, beta))
     assert "no C++ compiler" in fused_block.compile_error
+
+
+def test_inside_torch_compile_it_is_the_plain_composition(needs_compile):
+    # grad of a function taking grads, compiled whole: there bn_relu_pool is
+    # F.batch_norm -> ReLU -> max-pool, which the outer compile fuses itself
+    from torch.func import grad
+
+    h, gamma, beta = (t.detach() for t in _inputs("cpu", SIZES[0]))
+
+    def meta_grad(gamma, beta, block):
+        def loss(gamma, beta):
+            return block(h, gamma, beta).square().sum()
+
+        def adapted_loss(gamma, beta):
+            g1, g2 = grad(loss, argnums=(0, 1))(gamma, beta)
+            return loss(gamma - 0.1 * g1, beta - 0.1 * g2)
+
+        return grad(adapted_loss, argnums=(0, 1))(gamma, beta)
+
+    expected = meta_grad(gamma, beta, _reference)
+    got = torch.compile(lambda a, b: meta_grad(a, b, bn_relu_pool))(gamma, beta)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def test_torch_func_transforms_take_it():
+    # grad of grad through the Function itself (eager), as in the test above
+    from torch.func import grad
+
+    h, gamma, beta = (t.detach() for t in _inputs("cpu", SIZES[1]))
+
+    def meta_grad(block):
+        def loss(beta):
+            return block(h, gamma, beta).square().sum()
+
+        return grad(lambda b: loss(b - 0.1 * grad(loss)(b)))(beta)
+
+    block = lambda h, g, b: bn_relu_pool(h, g, b, compiled=False)  # noqa: E731
+    torch.testing.assert_close(meta_grad(block), meta_grad(_reference))

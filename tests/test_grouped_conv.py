@@ -70,3 +70,31 @@ def test_string_padding_is_refused():
     h, w, b = _inputs("cpu")
     with pytest.raises(ValueError, match="numeric padding"):
         grouped_conv2d(h, w, b, padding="same", groups=3)
+
+
+def test_inside_torch_compile_it_is_plain_conv2d(needs_compile):
+    # MAML written with torch.func alone (grad of a function taking grads),
+    # compiled whole: traced as a custom Function, the second derivative came
+    # out off by ~1e5 (torch 2.13); grouped_conv2d is F.conv2d there.
+    from torch.func import grad
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 6, 6, generator=g, dtype=torch.float64)
+    w1 = torch.randn(12, 2, 3, 3, generator=g, dtype=torch.float64)
+    w2 = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
+
+    def meta_grad(w1, w2, conv):
+        def net(w1, w2):
+            h = torch.tanh(conv(x, w1, None, 1, 1, 1, 3))
+            return conv(h, w2, None, 1, 1, 1, 3).square().sum()
+
+        def adapted_loss(w1, w2):
+            g1, g2 = grad(net, argnums=(0, 1))(w1, w2)
+            return net(w1 - 0.1 * g1, w2 - 0.1 * g2)
+
+        return grad(adapted_loss, argnums=(0, 1))(w1, w2)
+
+    expected = meta_grad(w1, w2, F.conv2d)
+    got = torch.compile(lambda a, b: meta_grad(a, b, grouped_conv2d))(w1, w2)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-6)
