@@ -133,9 +133,9 @@ def _conv4_losses(params, x, y):
     (one grouped convolution per layer), written out with the Conv4 shape
     fixed so that torch.compile sees only tensors (mlbook's own batched
     forward reads its layer objects, on which compile would guard).
-    Plain F.conv2d, not mlbook.grouped_conv: compiled, torch.func's second
-    derivative through that autograd.Function came out wrong (torch 2.13,
-    CPU; eager it is exact)."""
+    Plain F.conv2d: traced by torch.compile, mlbook.grouped_conv's Function
+    gets wrong second derivatives from torch.func (torch 2.13), so under
+    compile grouped_conv2d is F.conv2d anyway."""
     t, n = x.shape[:2]
     h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
     for i in range(0, 16, 4):  # conv -> batch norm -> ReLU -> max-pool
