@@ -4,10 +4,12 @@ A speed experiment for second-order MAML on the GPU (``python -m mlbook bench
 --experiments``), not yet the default. The H200 profile of a 5-way Conv4 step
 (``mlbook/records/bench-h200-profile-grouped-conv.json``) spends most of its
 kernel time outside the convolutions: autograd's double backward of batch norm
-alone is about 40 small element-wise and reduction kernels per layer, then
-ReLU's and max-pool's backward and their derivatives. Each reads and writes
-whole activations. Here the three layers are one ``autograd.Function`` whose
-forward and backward are each one ``torch.compile``d function; autograd
+alone runs about 100 small element-wise and reduction operations per layer
+(40 multiplications and 33 sums among them, counted with torch.profiler on
+the CPU, torch 2.13), then come ReLU's and max-pool's backward and their
+derivatives. Each reads and writes whole activations. Here the three layers
+are one ``autograd.Function`` whose forward and backward are each one
+``torch.compile``d function; autograd
 differentiates the backward (second order) through the compiled function's
 own backward, so the double backward is fused code too.
 
