@@ -11,10 +11,12 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" adds a cudnn.benchmark run, the levers of
-# `bench --experiments` (fused Adam, mlbook.fused_block, the first convolution
-# as a matmul) in the graphed step, and profiles of one step; TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds the compiled torch.func meta-gradient of `bench
-# --compile`; TESTS picks the test files). CELLS="method shot minutes,..."
+# "tests bench cells"; "speed" adds the levers of `bench --experiments`
+# (fused Adam, mlbook.fused_block, the first convolution as a matmul) in the
+# graphed step and profiles of one step; "cudnn" a cudnn.benchmark run;
+# TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
+# compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
+# test files). CELLS="method shot minutes,..."
 # picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
 # on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
 set -u
@@ -66,11 +68,14 @@ if [[ " $parts " == *" notebooks "* ]]; then
   echo "nbval exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$out/nbval.log" | tail -15
 fi
 
-if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
+if [ "$dev" = cuda ] && [[ " $parts " == *" cudnn "* ]]; then
   say "mlbook and its baselines with cudnn.benchmark"
   timeout 100 $py -m mlbook bench --workloads conv4,conv4-20w --cudnn-benchmark \
     --skip "per-task loop,torch.func vmap,mlbook bmm,higher,mlbook bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
+fi
+
+if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
   # the first run compiles mlbook.fused_block (torch.compile) for each shape
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
