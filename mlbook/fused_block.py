@@ -9,9 +9,9 @@ alone runs about 100 small element-wise and reduction operations per layer
 the CPU, torch 2.13), then come ReLU's and max-pool's backward and their
 derivatives. Each reads and writes whole activations. Here the three layers
 are one ``autograd.Function`` whose forward and backward are each one
-``torch.compile``d function; autograd differentiates the backward (second
-order) through the compiled function's own backward, so the double backward
-is fused code too.
+function compiled by ``torch.compile``; autograd differentiates the backward
+(second order) through the compiled function's own backward, so the double
+backward is fused code too.
 
 Per channel, over the ``m = N * H * W`` values of the batch::
 
