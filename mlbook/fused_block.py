@@ -23,7 +23,8 @@ and, given ``gy = dL/dy``::
     ga        = gy routed to each window's maximum (the forward's indices)
     gz        = ga * [z > 0]
     dL/dbeta  = sum gz,   dL/dgamma = sum gz * xhat
-    dL/dh     = gamma / sqrt(var + eps) * (gz - dL/dbeta / m - xhat * dL/dgamma / m)
+    dL/dh     = gamma / sqrt(var + eps)
+                * (gz - dL/dbeta / m - xhat * dL/dgamma / m)
 
 The same function and derivatives as ``F.batch_norm`` (training statistics, no
 running ones), ``torch.relu`` and ``F.max_pool2d(a, 2)``, to float64 rounding:
