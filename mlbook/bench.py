@@ -275,6 +275,8 @@ def workload(name: str, device) -> dict:
 
 
 PLAIN_DOUBLE = "mlbook autograd-2nd"
+# the "levers combined" experiment: _learner's options, all on
+LEVERS = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
 
 
 class _Baseline:
@@ -365,12 +367,7 @@ def variants(w, device, experiments=False) -> dict:
                 lambda m: _learner(w, m, one_channel_matmul=True),
                 True,
             ),
-            "levers combined + graph": (
-                lambda m: _learner(
-                    w, m, fused_block=True, one_channel_matmul=True, fused_adam=True
-                ),
-                True,
-            ),
+            "levers combined + graph": (lambda m: _learner(w, m, **LEVERS), True),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
@@ -545,9 +542,8 @@ def profile(w, device, steps=3, levers=False) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    kw = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
     _, run = _setup(
-        w, lambda m: _learner(w, m, **(kw if levers else {})), False, device
+        w, lambda m: _learner(w, m, **(LEVERS if levers else {})), False, device
     )
     for _ in range(3):
         run(w["batch"])
@@ -723,12 +719,11 @@ def main(argv=None):
         )
         print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
         for levers in [False, True] if args.experiments else [False]:
-            if not args.profile:
-                break
-            try:
-                print(profile(w, device, levers=levers), flush=True)
-            except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
-                print(f"profile of {name} failed: {type(e).__name__}: {e}")
+            if args.profile:
+                try:
+                    print(profile(w, device, levers=levers), flush=True)
+                except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
+                    print(f"profile of {name} failed: {type(e).__name__}: {e}")
     dev = torch.cuda.get_device_name(device) if cuda else _machine()
     print(
         f"\ndevice: {device} ({dev}); torch {torch.__version__}; "

@@ -26,10 +26,7 @@ with five inner steps, same peak memory.
 
 import torch
 import torch.nn.functional as F
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+from torch.nn.modules.utils import _pair
 
 
 class _GroupedConv2d(torch.autograd.Function):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.modules.utils import _pair
 
 from .fused_block import bn_relu_pool
 from .grouped_conv import grouped_conv2d
@@ -126,6 +127,17 @@ def _conv_plan(model: nn.Module):
     return plan + [("head", "head", model.head)]
 
 
+def _patches(h, conv: nn.Conv2d):
+    """``conv``'s input patches of ``h`` as ``F.unfold`` lays them out
+    ``[N, C*k*k, L]``, and the output's ``(height, width)``, L = their product."""
+    k, pad, stride, dil = conv.kernel_size, conv.padding, conv.stride, conv.dilation
+    size = [
+        (h.shape[2 + d] + 2 * pad[d] - dil[d] * (k[d] - 1) - 1) // stride[d] + 1
+        for d in range(2)
+    ]
+    return F.unfold(h, k, dil, pad, stride), size
+
+
 def _fusable(plan, i):
     """Whether plan[i] (a batch norm) is followed by a ReLU and a 2x2 max-pool,
     the block mlbook.fused_block computes as one."""
@@ -143,10 +155,6 @@ def _fusable(plan, i):
         and not pool.ceil_mode
         and not pool.return_indices
     )
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _positive(name, value, kind=float, allow_zero=False):
@@ -476,24 +484,16 @@ class InnerLoop:
                 layer.stride, layer.padding, layer.dilation, groups=t,
             )
         # unfold + bmm: patches [T, C*k*k, N*L] times filters [T, C_out, C*k*k]
-        n, _, height, width = h.shape
-        k, pad, stride, dil = (
-            layer.kernel_size,
-            layer.padding,
-            layer.stride,
-            layer.dilation,
-        )
-        cols = F.unfold(h, k, dil, pad, stride)  # [N, T*C*k*k, L]
+        n = h.shape[0]
+        cols, out_size = _patches(h, layer)  # [N, T*C*k*k, L]
         length = cols.shape[-1]
         cols = cols.reshape(n, t, -1, length).permute(1, 2, 0, 3)
         cols = cols.reshape(t, -1, n * length)
         out = torch.bmm(w.reshape(t, w.shape[1], -1), cols)  # [T, C_out, N*L]
         if b is not None:
             out = out + b.unsqueeze(2)
-        h_out = (height + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
-        w_out = (width + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
         out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
-        return out.reshape(n, -1, h_out, w_out)
+        return out.reshape(n, -1, *out_size)
 
     def _one_channel_conv(self, h, w, b, layer, t):
         """Filters on one input channel per task (Conv4's first layer), as a
@@ -506,21 +506,13 @@ class InnerLoop:
         one batched matmul over (n, t) whose result is already laid out as
         ``[N, T*C_out, L]``.
         """
-        n, _, height, width = h.shape
-        k, pad, stride, dil = (
-            layer.kernel_size,
-            layer.padding,
-            layer.stride,
-            layer.dilation,
-        )
-        cols = F.unfold(h, k, dil, pad, stride)  # [N, T*k*k, L]
+        n = h.shape[0]
+        cols, out_size = _patches(h, layer)  # [N, T*k*k, L]
         cols = cols.view(n, t, -1, cols.shape[-1])
         out = torch.matmul(w.reshape(t, w.shape[1], -1), cols)  # [N, T, C_out, L]
         if b is not None:
             out = out + b.unsqueeze(-1)
-        h_out = (height + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
-        w_out = (width + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
-        return out.reshape(n, -1, h_out, w_out)
+        return out.reshape(n, -1, *out_size)
 
     def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):
         """Loss of each task ``[T]`` (a scalar for one task)."""
