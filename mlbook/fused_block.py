@@ -94,19 +94,20 @@ def _with_recompiles(compiled_fn, fn):
 
     def call(*args):
         global compile_error
-        if compile_error is not None:
-            return fn(*args)
         try:
             with torch._dynamo.config.patch(recompile_limit=64):
                 return compiled_fn(*args)
-        except Exception as err:  # noqa: BLE001 - no C++ compiler, say: eager
+        except Exception as err:  # noqa: BLE001 - no C++ compiler, say
+            # eager first: an error of the inputs' own raises again here and
+            # leaves compile on; one that was compile's switches it off
+            out = fn(*args)
             compile_error = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"torch.compile failed ({compile_error}); mlbook.fused_block "
                 "runs its formulas eagerly (same numbers, not fused)",
                 stacklevel=2,
             )
-            return fn(*args)
+            return out
 
     return call
 

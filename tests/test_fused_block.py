@@ -106,6 +106,11 @@ def test_a_failed_compile_warns_and_runs_the_same_formulas(monkeypatch):
     monkeypatch.setattr(fused_block, "compile_error", None)
     monkeypatch.setattr(torch, "compile", no_compiler)
     h, gamma, beta = _inputs("cpu", SIZES[0])
+    # an input the formulas themselves refuse is the input's fault: it raises,
+    # and compile stays on
+    with pytest.raises(RuntimeError):
+        bn_relu_pool(h.detach().long(), gamma, beta)
+    assert fused_block.compile_error is None
     with pytest.warns(UserWarning, match="no C.. compiler"):
         y = bn_relu_pool(h, gamma, beta)
     torch.testing.assert_close(y, _reference(h, gamma, beta))
