@@ -125,11 +125,17 @@ class _BnReluPool(torch.autograd.Function):
         ctx.save_for_backward(indices, h, gamma, beta)
         ctx.conf = (eps, compiled)
         ctx.mark_non_differentiable(indices)
+        # The indices never get a gradient: without this autograd would fill
+        # a zero tensor of their size (int64, the pooled output's shape) at
+        # every backward, only for it to be ignored
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, _):
         # No @once_differentiable: under create_graph autograd records the
         # compiled backward, whose own backward gives the second derivative.
+        if grad_out is None:  # (not materialized) the output was not used
+            return None, None, None, None, None
         indices, h, gamma, beta = ctx.saved_tensors
         eps, compiled = ctx.conf
         grads = _fn("backward", compiled)(grad_out, indices, h, gamma, beta, eps)

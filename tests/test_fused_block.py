@@ -82,6 +82,20 @@ def test_bad_shapes_are_refused_before_compute():
         bn_relu_pool(h, gamma[:2], beta)
 
 
+def test_backward_allocates_no_gradient_for_the_indices():
+    # The pool's indices are an output without a gradient; autograd would
+    # otherwise fill a zero tensor of their size (int64) at every backward.
+    from torch.profiler import ProfilerActivity, profile
+
+    h, gamma, beta = _inputs("cpu", SIZES[0])
+    y = bn_relu_pool(h, gamma, beta, compiled=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.sum().backward()
+    names = [e.key for e in prof.key_averages()]
+    assert "aten::zeros_like" in names  # the formulas' own (ReLU's mask)
+    assert "aten::zeros" not in names
+
+
 def test_only_the_exact_block_is_fused():
     plan = _conv_plan(Conv4(1, 5, hidden=4))
     norms = [i for i, step in enumerate(plan) if step[0] == "norm"]
