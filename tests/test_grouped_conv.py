@@ -98,3 +98,38 @@ def test_inside_torch_compile_it_is_plain_conv2d(needs_compile):
     got = torch.compile(lambda a, b: meta_grad(a, b, grouped_conv2d))(w1, w2)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_first_layer_as_a_matmul_is_the_grouped_convolution(
+    device, stride, padding, dilation, bias
+):
+    # InnerLoop's speed experiment for Conv4's first layer (one input channel
+    # per task): unfold + one matmul, the bias as a filter tap on a row of
+    # ones. Conv4 follows it with batch norm, which cancels a bias, so the MAML
+    # tests cannot see a wrong one: it is checked here on its own.
+    from torch import nn
+
+    from mlbook.inner import InnerLoop
+
+    tasks, out_ch = 3, 4
+    layer = nn.Conv2d(1, out_ch, 3, stride, padding, dilation)
+    loop = InnerLoop(nn.Linear(1, 1), F.mse_loss, inner_lr=0.1)
+    h, w, b = _inputs(device, groups=tasks, c=1, o=out_ch)
+    w = w.detach().view(tasks, out_ch, 1, 3, 3).requires_grad_()
+    b = b.detach().view(tasks, out_ch).requires_grad_() if bias else None
+
+    def matmul(h, w, b=None):
+        return loop._one_channel_conv(h, w, b, layer, tasks)
+
+    def grouped(h, w, b=None):
+        flat_b = None if b is None else b.reshape(-1)
+        return F.conv2d(
+            h, w.reshape(-1, 1, 3, 3), flat_b, stride, padding, dilation, tasks
+        )
+
+    args = (h, w) + ((b,) if bias else ())
+    torch.testing.assert_close(matmul(*args), grouped(*args), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(matmul, args)
+    assert torch.autograd.gradgradcheck(matmul, args)
