@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import time
@@ -224,9 +225,10 @@ def _episodes(num_tasks, n_way, k_shot, k_query, seed=0):
     return TaskBatch(xs, ys.contiguous(), xq, yq.contiguous())
 
 
-def workload(name: str, device) -> dict:
-    """The settings and one fixed batch of a named workload."""
-    cuda = device.type == "cuda"
+def workload(name: str, device, gpu_sizes: bool = False) -> dict:
+    """The settings and one fixed batch of a named workload (the meta-batch
+    of CUDA runs on CUDA or with ``gpu_sizes``, a smaller one on the CPU)."""
+    cuda = device.type == "cuda" or gpu_sizes
     if name == "sinusoid":
         batch = Sinusoid().sample(
             25, 10, 10, generator=torch.Generator().manual_seed(0)
@@ -368,6 +370,9 @@ def variants(w, device, experiments=False) -> dict:
                 True,
             ),
             "levers combined + graph": (lambda m: _learner(w, m, **LEVERS), True),
+            # the same with every convolution as unfold + bmm: with TF32
+            # matmuls (--tf32) the precision cuDNN's convolutions have here
+            "levers bmm + graph": (lambda m: _learner(w, m, "bmm", **LEVERS), True),
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
@@ -470,8 +475,14 @@ def accuracy(w, device, labels, experiments=False) -> dict:
     return errors
 
 
-def run_workload(w, device, rounds, round_seconds=0.25, skip=(), experiments=False):
-    vs = {k: v for k, v in variants(w, device, experiments).items() if k not in skip}
+def run_workload(
+    w, device, rounds, round_seconds=0.25, skip=(), experiments=False, only=None
+):
+    vs = {
+        k: v
+        for k, v in variants(w, device, experiments).items()
+        if k not in skip and (only is None or k in only)
+    }
     errors = accuracy(w, device, list(vs), experiments)
     for label, e in list(errors.items()):
         if isinstance(e, Exception):
@@ -570,6 +581,77 @@ def profile(w, device, steps=3, levers=False) -> str:
     )
 
 
+# views and allocations: no kernel of their own
+_NO_KERNEL = {
+    "aten::" + n
+    for n in (
+        "view _unsafe_view _reshape_alias reshape t transpose permute expand "
+        "expand_as unsqueeze squeeze as_strided alias select slice unbind split "
+        "split_with_sizes detach flatten empty empty_strided empty_like "
+        "resize_ lift_fresh result_type is_nonzero item _local_scalar_dense "
+        "contiguous set_"
+    ).split()
+}
+
+
+def count_ops(w, device, levers=False) -> dict:
+    """What one MAML meta-gradient (meta-loss and backward, no optimizer)
+    dispatches in the form it takes on CUDA: all tasks in one pass, second
+    derivatives through mlbook.grouped_conv. Counted with torch.profiler on
+    any device, the CPU included: ATen operations that would launch work
+    (views, allocations and host scalars left out; an operation inside
+    another is not counted again), calls into compiled code (mlbook.fused_block,
+    a few kernels each), and the elements those operations take as input
+    (compiled code's not included). A proxy for a GPU step's kernel launches
+    and memory traffic, not a timing. ``levers``: mlbook.fused_block and the
+    first layer as a matmul."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if w["method"] != "maml" or not w["name"].startswith("conv4"):
+        raise ValueError(f"count_ops takes a Conv4 MAML workload, not {w['name']!r}")
+    torch.manual_seed(0)
+    on = dict(fused_block=True, one_channel_matmul=True) if levers else {}
+    learner = _learner(w, w["make"]().to(device), batched_double=True, **on)
+    learner.tasks_per_pass = w["batch"].num_tasks  # one pass, as on CUDA
+
+    def run():
+        learner.meta_loss(w["batch"]).backward()
+
+    for _ in range(3):  # compiles mlbook.fused_block's shapes first
+        run()
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+
+    def nested(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::") or "CompiledFxGraph" in p.name:
+                return True
+            p = p.cpu_parent
+        return False
+
+    ops = compiled = elements = 0
+    for e in prof.events():
+        if "CompiledFxGraph" in e.name:
+            compiled += 1
+        elif e.name.startswith("aten::") and e.name not in _NO_KERNEL:
+            scalar = e.name == "aten::to" and not (e.input_shapes or [[]])[0]
+            if not scalar and not nested(e):  # (a Python number made a tensor)
+                ops += 1
+                for shape in e.input_shapes:
+                    if isinstance(shape, list) and all(type(d) is int for d in shape):
+                        elements += math.prod(shape) if shape else 0
+    return dict(
+        workload=w["name"],
+        variant="levers combined" if levers else "mlbook",
+        num_tasks=w["batch"].num_tasks,
+        ops=ops,
+        compiled_calls=compiled,
+        m_elements_in=elements / 1e6,
+    )
+
+
 RECORDS = Path(__file__).parent / "records"
 
 
@@ -622,6 +704,41 @@ def format_rows(rows, compact: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _count_main(p, args, device, argv):
+    """``--count-ops``: count_ops for each Conv4 MAML workload, printed and
+    written as JSON."""
+    import sys
+
+    rows = []
+    for name in (args.workloads or "conv4,conv4-20w").split(","):
+        try:
+            w = workload(name, device, gpu_sizes=True)
+            rows += [count_ops(w, device, levers) for levers in (False, True)]
+        except ValueError as e:
+            p.error(str(e))
+    head = f"{'workload':<10} {'variant':<16} {'tasks':>5} {'ops':>6} "
+    head += f"{'compiled':>8} {'M elements in':>13}"
+    print(f"{head}\n{'-' * len(head)}")
+    for r in rows:
+        print(
+            f"{r['workload']:<10} {r['variant']:<16} {r['num_tasks']:>5} "
+            f"{r['ops']:>6} {r['compiled_calls']:>8} {r['m_elements_in']:>13.0f}"
+        )
+    record = dict(
+        command="python -m mlbook bench "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        commit=_commit(),
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        what=" ".join(count_ops.__doc__.split()),
+        op_counts=rows,
+    )
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"(written to {args.out})")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m mlbook bench",
@@ -645,6 +762,9 @@ def main(argv=None):
         help="about how long one round of one variant runs",
     )
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    p.add_argument(
+        "--only", default="", help="comma-separated variants to run (and no other)"
+    )
     p.add_argument(
         "--tf32",
         action="store_true",
@@ -682,6 +802,14 @@ def main(argv=None):
         "20 s); for Conv4 MAML, the whole meta-gradient written with torch.func "
         "and compiled (minutes to compile on the CPU). Compile time is not timed",
     )
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: count what one Conv4 MAML meta-gradient "
+        "dispatches in its CUDA form, with and without the levers (operations, "
+        "compiled calls, elements read; see count_ops), on any device; "
+        "workloads conv4,conv4-20w by default",
+    )
     p.add_argument("--out", default="bench.json", help="where to write the JSON")
     args = p.parse_args(argv)
     device = torch.device(
@@ -706,16 +834,27 @@ def main(argv=None):
             else "sinusoid,conv4"
         )
     ).split(",")
+    if args.count_ops:
+        return _count_main(p, args, device, argv)
     skip = tuple(s for s in args.skip.split(",") if s)
-    rows = []
+    only = tuple(s for s in args.only.split(",") if s) or None
+    loads = []
     for name in names:
         try:
             w = workload(name, device)
         except ValueError as e:
             p.error(str(e))
         w["compile"] = args.compile
+        loads.append(w)
+    known = {k for w in loads for k in variants(w, device, args.experiments)}
+    unknown = sorted(set(only or ()) - known)
+    if unknown:  # a typo would otherwise time nothing
+        p.error(f"no variant named {unknown}; these workloads have {sorted(known)}")
+    rows = []
+    for w in loads:
+        name = w["name"]
         rows += run_workload(
-            w, device, args.rounds, args.round_seconds, skip, args.experiments
+            w, device, args.rounds, args.round_seconds, skip, args.experiments, only
         )
         print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
         for levers in [False, True] if args.experiments else [False]:

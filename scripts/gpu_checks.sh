@@ -12,7 +12,8 @@
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" adds the levers of `bench --experiments`
-# (fused Adam, mlbook.fused_block, the first convolution as a matmul) in the
+# (fused Adam, mlbook.fused_block, the first convolution as a matmul; all
+# three, with grouped or bmm convolutions, then with TF32 matmuls) in the
 # graphed step and profiles of one step; "cudnn" a cudnn.benchmark run;
 # TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
 # compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
@@ -79,13 +80,17 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
   # the first run compiles mlbook.fused_block (torch.compile) for each shape
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
-    --skip "per-task loop,NHWC + graph,plain BN + graph,bf16 + graph,bf16 NHWC + graph,bmm bf16 + graph" \
+    --only "mlbook + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
+  echo "bench exit $?"
+  say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
+  timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
+    --only "mlbook + graph,levers combined + graph,levers bmm + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_levers_tf32.json"
   echo "bench exit $?"
   say "profiles of one eager step: mlbook, then the levers combined"
   timeout 120 $py -m mlbook bench --workloads conv4 --profile --experiments --rounds 1 \
-    --skip "per-task loop,NHWC + graph,plain BN + graph,bf16 + graph,bf16 NHWC + graph,bmm bf16 + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph" \
-    --round-seconds 0.05 --out "$out/bench_profile.json"
+    --only "mlbook + graph" --round-seconds 0.05 --out "$out/bench_profile.json"
   if [ -n "${COMPILE:-}" ]; then
     say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
     timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \

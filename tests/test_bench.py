@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 import mlbook as ml
@@ -47,6 +48,28 @@ def test_bench_refuses_unknown_workloads_and_gpu_only_options():
         bench.main(["--device", "cpu", "--workloads", "imagenet"])
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--experiments"])
+
+
+def test_count_ops_sees_the_levers_cut_the_operations(tmp_path, needs_compile):
+    # the CUDA form of the step, counted on the CPU: the levers (fused block,
+    # first layer as a matmul) replace batch norm's and max-pool's many small
+    # operations by a few compiled calls
+    cpu = torch.device("cpu")
+    w = bench.workload("conv4", cpu)
+    plain, levers = (bench.count_ops(w, cpu, on) for on in (False, True))
+    assert plain["compiled_calls"] == 0 < levers["compiled_calls"]
+    assert levers["ops"] < plain["ops"] / 2, (plain, levers)
+    assert levers["m_elements_in"] < plain["m_elements_in"] / 2
+    with pytest.raises(ValueError, match="Conv4 MAML"):
+        bench.count_ops(bench.workload("conv4-reptile", cpu), cpu)
+    out = tmp_path / "ops.json"
+    argv = ["--device", "cpu", "--count-ops", "--workloads", "conv4", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["op_counts"]
+    assert [(r["variant"], r["num_tasks"]) for r in rows] == [
+        ("mlbook", 32),  # the CUDA meta-batch
+        ("levers combined", 32),
+    ]
 
 
 def test_shipped_records_name_their_command_and_device():
