@@ -603,8 +603,10 @@ def count_ops(w, device, levers=False) -> dict:
     another is not counted again), calls into compiled code (mlbook.fused_block,
     a few kernels each), and the elements those operations take as input
     (compiled code's not included). A proxy for a GPU step's kernel launches
-    and memory traffic, not a timing. ``levers``: mlbook.fused_block and the
-    first layer as a matmul."""
+    and memory traffic, not a timing. ``w``: a Conv4 MAML workload,
+    ``workload("conv4", device, gpu_sizes=True)`` say; ``levers``:
+    mlbook.fused_block and the first layer as a matmul. Returns the counts as
+    a dict."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

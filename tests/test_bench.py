@@ -193,6 +193,24 @@ def test_readme_cpu_table_matches_the_records():
     assert seen == {"bench-cpu", "bench-cpu-2threads"}
 
 
+def test_readme_op_count_table_matches_the_record():
+    record = bench.load_record("bench-cpu-op-counts")
+    want = {(r["workload"], r["variant"]): r for r in record["op_counts"]}
+    seen = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith("| conv4"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        r = want[(cells[0].split()[0], cells[1])]
+        assert [int(c) for c in cells[2:]] == [
+            r["ops"],
+            r["compiled_calls"],
+            round(r["m_elements_in"]),
+        ], line
+        seen.add((r["workload"], r["variant"]))
+    assert seen == set(want)
+
+
 def test_readme_omniglot_claim_matches_the_shipped_record():
     r = ml.zoo.info("omniglot-maml-5w1s")
     text = (ROOT / "README.md").read_text()
