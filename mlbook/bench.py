@@ -613,7 +613,7 @@ def count_ops(w, device, levers=False) -> dict:
     if w["method"] != "maml" or not w["name"].startswith("conv4"):
         raise ValueError(f"count_ops takes a Conv4 MAML workload, not {w['name']!r}")
     torch.manual_seed(0)
-    on = dict(fused_block=True, one_channel_matmul=True) if levers else {}
+    on = LEVERS if levers else {}  # (fused Adam among them: no optimizer here)
     learner = _learner(w, w["make"]().to(device), batched_double=True, **on)
     learner.tasks_per_pass = w["batch"].num_tasks  # one pass, as on CUDA
 
@@ -638,12 +638,14 @@ def count_ops(w, device, levers=False) -> dict:
         if "CompiledFxGraph" in e.name:
             compiled += 1
         elif e.name.startswith("aten::") and e.name not in _NO_KERNEL:
-            scalar = e.name == "aten::to" and not (e.input_shapes or [[]])[0]
-            if not scalar and not nested(e):  # (a Python number made a tensor)
+            source = e.input_shapes[0] if e.input_shapes else []
+            if e.name == "aten::to" and not source:
+                continue  # a Python number made a tensor: host work
+            if not nested(e):
                 ops += 1
                 for shape in e.input_shapes:
                     if isinstance(shape, list) and all(type(d) is int for d in shape):
-                        elements += math.prod(shape) if shape else 0
+                        elements += math.prod(shape)
     return dict(
         workload=w["name"],
         variant="levers combined" if levers else "mlbook",
