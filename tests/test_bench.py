@@ -72,6 +72,24 @@ def test_count_ops_sees_the_levers_cut_the_operations(tmp_path, needs_compile):
     ]
 
 
+def test_gpu_script_names_only_variants_the_benchmark_has():
+    # scripts/gpu_checks.sh runs where GPU time is scarce: a label there that
+    # the benchmark lacks would cost a run (--only refuses it; --skip would
+    # time a variant meant to be left out). Checked here, without a GPU.
+    cuda = torch.device("cuda")  # variants() reads only the device's type
+    known = {"higher"}  # present when higher is installed
+    for name in ("sinusoid", "conv4", "conv4-20w", "conv4-fo", "conv4-reptile"):
+        w = bench.workload(name, torch.device("cpu"))
+        w["compile"] = True
+        for experiments in (False, True):
+            known |= set(bench.variants(w, cuda, experiments))
+    script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
+    lists = re.findall(r'--(?:only|skip) "([^"]+)"', script)
+    assert len(lists) >= 5
+    for labels in lists:
+        assert set(labels.split(",")) <= known, labels
+
+
 def test_shipped_records_name_their_command_and_device():
     names = bench.records()
     assert {"bench-h200", "bench-cpu"} <= set(names)
