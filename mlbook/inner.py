@@ -491,6 +491,9 @@ class InnerLoop:
         cols = cols.reshape(t, -1, n * length)
         out = torch.bmm(w.reshape(t, w.shape[1], -1), cols)  # [T, C_out, N*L]
         if b is not None:
+            # a separate add, not _one_channel_conv's bias tap: a row of ones
+            # appended here would copy patches of C*k*k rows, larger than the
+            # C_out-channel output for every layer after the first
             out = out + b.unsqueeze(2)
         out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
         return out.reshape(n, -1, *out_size)
