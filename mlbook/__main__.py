@@ -44,8 +44,9 @@ def main(argv=None):
     s.add_argument(
         "--compile",
         action="store_true",
-        help="MAML and first-order MAML steps through torch.compile (CPU; "
-        "about 20 s to compile, then about a fourth of the time per step)",
+        help="MAML, first-order MAML and Reptile steps through torch.compile "
+        "(CPU; about 20 s to compile each, then about a fourth of the time per "
+        "step)",
     )
     s.add_argument(
         "--ship",

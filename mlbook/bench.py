@@ -12,6 +12,9 @@ calls in it).
 Workloads (``--workloads``):
 
 * ``sinusoid``: MAML, MLP 1-40-40-1, meta-batch 25, K = 10, one inner step;
+* ``sinusoid-fo``: first-order MAML, otherwise ``sinusoid``;
+* ``sinusoid-reptile``: Reptile on the same MLP and tasks, five inner steps
+  at 0.02, outer step 0.1 (the sinusoid reproduction's settings);
 * ``conv4``: MAML on Omniglot-shaped 5-way 1-shot episodes, Conv4, one inner
   step at 0.4, meta-batch 32 (8 on the CPU), 5 query images per class;
 * ``conv4-20w``: MAML 20-way 1-shot, five inner steps at 0.1, meta-batch 16;
@@ -107,6 +110,8 @@ def _loop_reptile(w, model, batch):
 
 def vmap_step(w, model, batch, opt):
     """The textbook torch.func version: grad inside vmap over tasks."""
+    if w["method"] == "reptile":
+        return _vmap_reptile(w, model, batch)
     params = dict(model.named_parameters())
 
     def loss(p, x, y):
@@ -115,6 +120,8 @@ def vmap_step(w, model, batch, opt):
     def task(p, xs, ys, xq, yq):
         for _ in range(w["steps"]):
             g = grad(loss)(p, xs, ys)
+            if w["method"] == "fomaml":  # the inner gradient as a constant
+                g = {k: v.detach() for k, v in g.items()}
             p = {k: p[k] - w["alpha"] * g[k] for k in p}
         return loss(p, xq, yq)
 
@@ -126,6 +133,27 @@ def vmap_step(w, model, batch, opt):
     out.backward()
     opt.step()
     return out.detach()
+
+
+def _vmap_reptile(w, model, batch):
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, x, y):
+        return w["loss"](functional_call(model, p, (x,)), y)
+
+    def task(p, xs, ys):
+        for _ in range(w["steps"]):
+            g = grad(loss)(p, xs, ys)
+            p = {k: p[k] - w["alpha"] * g[k] for k in p}
+        return p, loss(p, xs, ys)
+
+    phi, losses = vmap(task, in_dims=(None, 0, 0))(
+        params, batch.x_support, batch.y_support
+    )
+    with torch.no_grad():
+        for k, p in model.named_parameters():  # theta += eps (mean phi - theta)
+            p.add_(w["outer_lr"] * (phi[k].mean(0) - p))
+    return losses.mean()
 
 
 def _conv4_losses(params, x, y):
@@ -225,11 +253,22 @@ def _episodes(num_tasks, n_way, k_shot, k_query, seed=0):
     return TaskBatch(xs, ys.contiguous(), xq, yq.contiguous())
 
 
+WORKLOADS = (
+    "sinusoid",
+    "sinusoid-fo",
+    "sinusoid-reptile",
+    "conv4",
+    "conv4-20w",
+    "conv4-fo",
+    "conv4-reptile",
+)
+
+
 def workload(name: str, device, gpu_sizes: bool = False) -> dict:
     """The settings and one fixed batch of a named workload (the meta-batch
     of CUDA runs on CUDA or with ``gpu_sizes``, a smaller one on the CPU)."""
     cuda = device.type == "cuda" or gpu_sizes
-    if name == "sinusoid":
+    if name in ("sinusoid", "sinusoid-fo", "sinusoid-reptile"):
         batch = Sinusoid().sample(
             25, 10, 10, generator=torch.Generator().manual_seed(0)
         )
@@ -238,9 +277,11 @@ def workload(name: str, device, gpu_sizes: bool = False) -> dict:
             loss=F.mse_loss,
             alpha=0.01,
             steps=1,
-            method="maml",
+            method="fomaml" if name == "sinusoid-fo" else "maml",
             batch=batch,
         )
+        if name == "sinusoid-reptile":  # the sinusoid reproduction's settings
+            w.update(alpha=0.02, steps=5, method="reptile", outer_lr=0.1)
     elif name in ("conv4", "conv4-fo"):
         w = dict(
             make=lambda: Conv4(1, 5),
@@ -315,6 +356,7 @@ def _learner(
             outer_lr=w["outer_lr"],
             check_finite=False,
             conv_impl=conv_impl,
+            compile=compile,
         )
     else:
         out = MAML(
@@ -376,7 +418,8 @@ def variants(w, device, experiments=False) -> dict:
             "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
         }
     out = {"mlbook": (lambda m: _learner(w, m), False)}
-    if w.get("compile") and device.type == "cpu" and w["name"] == "sinusoid":
+    sinusoid = w["name"].startswith("sinusoid")
+    if w.get("compile") and device.type == "cpu" and sinusoid:
         # only the MLP's closed-form step is compiled (mlbook.mlp_grad)
         out["mlbook compiled"] = (lambda m: _learner(w, m, compile=True), False)
     # the same step with autograd's double backward of the grouped convolution
@@ -391,7 +434,7 @@ def variants(w, device, experiments=False) -> dict:
             lambda m: _Baseline(compiled_func_step, w, m),
             False,
         )
-    if w["method"] == "maml":
+    if w["method"] == "maml" or sinusoid:
         out["torch.func vmap"] = (lambda m: _Baseline(vmap_step, w, m), False)
     out["per-task loop"] = (lambda m: _Baseline(loop_step, w, m), False)
     if w["method"] == "maml":
@@ -456,7 +499,7 @@ def accuracy(w, device, labels, experiments=False) -> dict:
     vs = variants(w, device, experiments)
     b = w["batch"]
     b64 = TaskBatch(b.x_support.double(), b.y_support, b.x_query.double(), b.y_query)
-    if w["name"] == "sinusoid":
+    if w["name"].startswith("sinusoid"):
         b64 = TaskBatch(
             *(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query))
         )
@@ -686,9 +729,10 @@ def format_rows(rows, compact: bool = False) -> str:
     ]
     if compact:
         cols = [c for c in cols if c[0] not in ("steps/s", "tasks/s")]
-    # the variant column as wide as its longest label, 19 at least
+    # the name columns as wide as their longest entry, 14 and 19 at least
+    first = max([14] + [len(r["workload"]) for r in rows])
     wide = max([19] + [len(r["variant"]) for r in rows])
-    head = f"{'workload':<14} {'variant':<{wide}} " + " ".join(
+    head = f"{'workload':<{first}} {'variant':<{wide}} " + " ".join(
         f"{name:>{width}}" for name, width in cols
     )
     lines = [head, "-" * len(head)]
@@ -702,7 +746,7 @@ def format_rows(rows, compact: bool = False) -> str:
             "rel err": f"{r['rel_err_vs_float64']:.1e}",
         }
         lines.append(
-            f"{r['workload']:<14} {r['variant']:<{wide}} "
+            f"{r['workload']:<{first}} {r['variant']:<{wide}} "
             + " ".join(f"{cell[name]:>{width}}" for name, width in cols)
         )
     return "\n".join(lines)
@@ -756,7 +800,8 @@ def main(argv=None):
     p.add_argument(
         "--workloads",
         default=None,
-        help="comma-separated (default: sinusoid,conv4 on the CPU; all five on CUDA)",
+        help="comma-separated (default: the three sinusoid workloads and conv4 "
+        "on the CPU; all seven on CUDA)",
     )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument(
@@ -800,11 +845,12 @@ def main(argv=None):
     p.add_argument(
         "--compile",
         action="store_true",
-        help="add the compiled variants: for the sinusoid on the CPU, mlbook "
-        "with MAML(compile=True) (torch.compile of the closed-form MLP "
-        "meta-gradient and the Adam update, as one call; compiling takes some "
-        "20 s); for Conv4 MAML, the whole meta-gradient written with torch.func "
-        "and compiled (minutes to compile on the CPU). Compile time is not timed",
+        help="add the compiled variants: for the sinusoid workloads on the CPU, "
+        "mlbook with compile=True (torch.compile of the closed-form MLP "
+        "meta-gradient and the Adam update, or of the Reptile step, as one "
+        "call; compiling takes some 20 s); for Conv4 MAML, the whole "
+        "meta-gradient written with torch.func and compiled (minutes to "
+        "compile on the CPU). Compile time is not timed",
     )
     p.add_argument(
         "--count-ops",
@@ -833,9 +879,9 @@ def main(argv=None):
     names = (
         args.workloads
         or (
-            "sinusoid,conv4,conv4-20w,conv4-fo,conv4-reptile"
+            ",".join(WORKLOADS)
             if cuda
-            else "sinusoid,conv4"
+            else "sinusoid,sinusoid-fo,sinusoid-reptile,conv4"
         )
     ).split(",")
     if args.count_ops:

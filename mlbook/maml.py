@@ -17,10 +17,7 @@ first-order MAML drops the Hessian term. Introduced in
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .inner import InnerLoop, _positive
@@ -28,8 +25,6 @@ from .mlp_grad import maml_adam_step, relu_mlp_meta_grad
 from .tasks import TaskBatch
 
 __all__ = ["MAML"]
-
-_COMPILED = {}  # function of mlbook.mlp_grad -> its torch.compile, made on first use
 
 
 class MAML(InnerLoop):
@@ -108,53 +103,12 @@ class MAML(InnerLoop):
 
     def _explicit_layers(self, batch):
         """The model's (weights, biases) when ``mlbook.mlp_grad`` computes this
-        step's meta-gradient exactly as autograd would, else None: a plain
-        ReLU MLP with biases, mean squared error, one inner SGD step, this
-        class itself (not a subclass), on the CPU (where it is measured to
-        pay)."""
-        plan = self._plan
-        if (
-            plan is None
-            or self.inner_steps != 1
-            or self.loss_fn is not F.mse_loss
-            or len(plan) % 2 == 0
-            or any(type(s) is not nn.ReLU for s in plan[1::2])
-            or any(not isinstance(s, str) for s in plan[0::2])
-            or type(self) is not MAML  # a subclass may change any step of it
-            or batch.x_support.device.type != "cpu"
-            or batch.x_support.dim() != 3
-        ):
+        step's meta-gradient exactly as autograd would (``InnerLoop._mlp_layers``
+        and one inner step, this class itself: a subclass may change any step
+        of it), else None."""
+        if self.inner_steps != 1 or type(self) is not MAML:
             return None
-        params = self.params()
-        weights = [params.get(f"{s}.weight") for s in plan[0::2]]
-        biases = [params.get(f"{s}.bias") for s in plan[0::2]]
-        if any(b is None for b in biases) or len(params) != 2 * len(weights):
-            return None
-        out = weights[-1].shape[0]
-        t, k, q = batch.num_tasks, batch.x_support.shape[1], batch.x_query.shape[1]
-        if batch.y_support.shape != (t, k, out) or batch.y_query.shape != (t, q, out):
-            return None  # mse_loss would broadcast: leave it to the general path
-        return weights, biases
-
-    def _run(self, fn, *args):
-        """``fn(*args)``, through torch.compile when ``compile=True``."""
-        if self.compile:
-            if fn not in _COMPILED:
-                # cpp_wrapper: the generated code calls its kernels from C++,
-                # which saves about a tenth of this small step (measured)
-                _COMPILED[fn] = torch.compile(
-                    fn, dynamic=False, options={"cpp_wrapper": True}
-                )
-            try:
-                return _COMPILED[fn](*args)
-            except Exception as err:  # noqa: BLE001 - no compiler, say: run eager
-                warnings.warn(
-                    f"torch.compile failed ({type(err).__name__}: {err}); "
-                    "continuing without compile=True",
-                    stacklevel=3,
-                )
-                self.compile = False
-        return fn(*args)
+        return self._mlp_layers(batch, batch.x_query, batch.y_query)
 
     def _adam(self, optimizer, params):
         """``(state, lr, hyper)`` for ``mlp_grad.maml_adam_step`` when the

@@ -1,4 +1,5 @@
-"""The MAML meta-gradient of a ReLU MLP with MSE loss, written out by hand.
+"""The MAML meta-gradient and the Reptile step of a ReLU MLP with MSE loss,
+written out by hand.
 
 For tiny models on a CPU, a meta-step costs what autograd costs: building a
 graph node per operation, then walking it twice (the double backward of
@@ -6,7 +7,9 @@ second-order MAML). For the MAML paper's sinusoid regressor (Linear and ReLU
 layers, mean squared error, one inner SGD step) the whole meta-gradient has a
 short closed form in batched matrix products, computed here with no autograd
 at all. ``MAML.step`` uses it when the learner matches exactly that case on
-the CPU; ``tests/test_mlp_grad.py`` checks it against autograd in float64.
+the CPU, and ``Reptile.step`` uses the same forward and backward passes for
+its inner SGD steps (any number of them); ``tests/test_mlp_grad.py`` checks
+both against autograd in float64.
 
 Notation, per task t (batched over the leading task dim): layers l = 1..L with
 weights W_l [out, in] and biases b_l; a_0 = x; z_l = a_{l-1} W_l^T + b_l;
@@ -42,7 +45,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["relu_mlp_meta_grad", "adam_update", "maml_adam_step"]
+__all__ = [
+    "relu_mlp_meta_grad",
+    "adam_update",
+    "maml_adam_step",
+    "relu_mlp_sgd",
+    "reptile_step",
+]
 
 # Each product below is one of three shapes. A matrix product whose inner or
 # outer size is 1 (the sinusoid's 1 -> 40 and 40 -> 1 layers) is written as a
@@ -165,6 +174,47 @@ def relu_mlp_meta_grad(weights, biases, x_s, y_s, x_q, y_q, alpha, first_order=F
             r_delta = _times_w(r_delta, weights[i]) + _times_w(deltas[i], v_w[i])
             r_delta = r_delta * masks[i - 1]
     return loss, grad_w, grad_b
+
+
+# Reptile (mlbook.reptile) on the same MLP needs no second derivative: per task
+# t, ``steps`` SGD steps on its support set from the shared theta, each
+# gradient from the backward pass above,
+#
+#     phi_t <- phi_t - alpha * grad L_s,t(phi_t)          (phi_t = theta at first)
+#
+# then one move of theta towards the tasks' mean:
+#
+#     theta <- theta - outer_lr * (theta - mean_t phi_t)
+def relu_mlp_sgd(weights, biases, x, y, alpha, steps):
+    """Each task's ``(weights, biases)`` after ``steps`` SGD steps on its mean
+    squared error, ``x [T, K, in]``, ``y [T, K, out]``, from the shared
+    ``weights[l] [out, in]`` and ``biases[l] [out]`` (the results are [T, ...])."""
+    for _ in range(steps):
+        acts, masks, out = _forward(x, weights, biases)
+        delta = (out - y) * (2.0 / out[0].numel())
+        g_w, g_b, _ = _backward(delta, acts, masks, weights)
+        weights = [w - alpha * g for w, g in zip(weights, g_w)]
+        biases = [b - alpha * g for b, g in zip(biases, g_b)]
+    return weights, biases
+
+
+def reptile_step(weights, biases, x_s, y_s, x_e, y_e, alpha, steps, outer_lr, guard):
+    """One Reptile meta-step of the MLP. Returns each task's loss ``[T]`` at its
+    adapted weights on ``x_e``/``y_e`` and the directions ``theta - mean_t
+    phi_t`` (``weights`` then ``biases``). With ``outer_lr`` (a 0-dim tensor)
+    the update is also applied to ``weights`` and ``biases`` in place; with
+    ``guard`` it is skipped unless every task's loss is finite."""
+    fast_w, fast_b = relu_mlp_sgd(weights, biases, x_s, y_s, alpha, steps)
+    out = _forward(x_e, fast_w, fast_b)[2]
+    losses = (out - y_e).square().flatten(1).mean(1)
+    theta = weights + biases
+    directions = [p - f.mean(0) for p, f in zip(theta, fast_w + fast_b)]
+    if outer_lr is not None:
+        apply = torch.isfinite(losses).all() if guard else None
+        for p, d in zip(theta, directions):
+            new = p - outer_lr * d
+            p.copy_(new if apply is None else torch.where(apply, new, p))
+    return losses, directions
 
 
 # Adam, as torch.optim.Adam computes it (amsgrad and maximize off), per tensor:

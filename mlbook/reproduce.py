@@ -77,11 +77,12 @@ def _machine() -> str:
 
 def sinusoid_learner(method: str, model=None, compile: bool = False):
     """The learner for ``method`` with its settings, on a fresh (or given) MLP.
-    ``compile`` is passed to MAML and first-order MAML (see ``mlbook.MAML``)."""
+    ``compile`` is passed to MAML, first-order MAML and Reptile (see
+    ``mlbook.MAML`` and ``mlbook.Reptile``; the baseline has no compiled step)."""
     settings = dict(SINUSOID[method])
     cls = settings.pop("cls")
     model = model if model is not None else MLP(1, (40, 40), 1)
-    if compile and cls is MAML:
+    if compile and cls in (MAML, Reptile):
         settings["compile"] = True
     return cls(model, F.mse_loss, **settings)
 
@@ -145,7 +146,7 @@ def sinusoid(
             method=method,
             iterations=iterations,
             train_seconds=round(run.seconds, 1),
-            compile=bool(compile and isinstance(learner, MAML)),
+            compile=bool(compile and type(learner) in (MAML, Reptile)),
             eval_seconds=round(time.perf_counter() - start, 1),
             eval=ev.as_dict(),
             eval_by_k=by_k,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .inner import InnerLoop, _positive
+from .mlp_grad import reptile_step
 from .tasks import TaskBatch
 
 __all__ = ["Reptile"]
@@ -26,6 +27,12 @@ class Reptile(InnerLoop):
     With an ``optimizer`` passed to ``meta_step``, ``theta - mean phi`` is used as
     the gradient and the optimizer takes the step (Reptile with Adam, say);
     otherwise that plain update is applied with ``outer_lr``.
+
+    A plain ReLU MLP with MSE on the CPU (the sinusoid regressor) takes its
+    inner steps without autograd, by the closed-form backward pass of
+    ``mlbook.mlp_grad`` (the same numbers); ``compile=True`` also runs that
+    step, the plain update included, as one ``torch.compile``'d call (some
+    20 s to compile once; falls back to eager with a warning).
     """
 
     uses_optimizer = False
@@ -37,12 +44,15 @@ class Reptile(InnerLoop):
         inner_lr: float,
         inner_steps: int = 5,
         outer_lr: float = 0.1,
+        compile: bool = False,
         **kwargs,
     ):
         super().__init__(
             model, loss_fn, inner_lr, inner_steps, first_order=True, **kwargs
         )
         self.outer_lr = _positive("outer_lr", outer_lr)
+        self.compile = bool(compile)
+        self._lr = None  # (outer_lr, the same as a 0-dim tensor) for reptile_step
         if self.inner_steps == 0:
             raise ValueError(
                 "inner_steps must be >= 1 for Reptile (phi would equal theta)"
@@ -70,6 +80,9 @@ class Reptile(InnerLoop):
             if has_query
             else (batch.x_support, batch.y_support)
         )
+        layers = self._mlp_layers(batch, x, y) if type(self) is Reptile else None
+        if layers is not None:  # the sinusoid MLP: no autograd at all
+            return self._closed_form_step(batch, x, y, layers, optimizer, outer_lr)
         with torch.no_grad():  # adapt() turns autograd on for its own steps
             theta = {k: p.detach() for k, p in self.params().items()}
             phi = self.adapt(batch.x_support, batch.y_support, params=theta)  # [T, ...]
@@ -87,3 +100,39 @@ class Reptile(InnerLoop):
         if optimizer is not None:
             optimizer.step()
         return loss
+
+    def _closed_form_step(self, batch, x, y, layers, optimizer, outer_lr):
+        """``step`` of a ReLU MLP by ``mlp_grad.reptile_step``: the same update
+        and loss, through ``torch.compile`` when ``compile=True``."""
+        weights, biases = layers
+        theta = weights + biases
+        if optimizer is not None:
+            lr = None  # the optimizer takes the step, from the directions
+        elif torch.is_tensor(outer_lr):
+            lr = outer_lr
+        else:  # a tensor, so a compiled step does not recompile per value
+            if self._lr is None or self._lr[0] != outer_lr:
+                self._lr = (outer_lr, torch.tensor(outer_lr, dtype=torch.float64))
+            lr = self._lr[1]
+        with torch.no_grad():
+            losses, directions = self._run(
+                reptile_step,
+                [w.detach() for w in weights],
+                [b.detach() for b in biases],
+                batch.x_support,
+                batch.y_support,
+                x,
+                y,
+                self.inner_lr,
+                self.inner_steps,
+                lr,
+                self.check_finite,
+            )
+        # raises before optimizer.step(); reptile_step has already skipped
+        # its own update when a task's loss is not finite
+        self._finite(losses, "Reptile loss")
+        if optimizer is not None:
+            for p, d in zip(theta, directions):
+                p.grad = d
+            optimizer.step()
+        return losses.mean()

@@ -22,7 +22,7 @@ def test_bench_runs_on_the_cpu_and_every_variant_matches_float64(tmp_path):
                 "--device",
                 "cpu",
                 "--workloads",
-                "sinusoid",
+                "sinusoid,sinusoid-fo,sinusoid-reptile",
                 "--rounds",
                 "1",
                 "--round-seconds",
@@ -35,12 +35,17 @@ def test_bench_runs_on_the_cpu_and_every_variant_matches_float64(tmp_path):
     )
     record = json.loads(out.read_text())
     assert record["command"].startswith("python -m mlbook bench --device cpu")
-    variants = {r["variant"]: r for r in record["rows"]}
-    assert {"mlbook", "torch.func vmap", "per-task loop"} <= set(variants)
+    rows = {(r["workload"], r["variant"]): r for r in record["rows"]}
+    for name in ("sinusoid", "sinusoid-fo", "sinusoid-reptile"):
+        for variant in ("mlbook", "torch.func vmap", "per-task loop"):
+            assert (name, variant) in rows
+        assert rows[name, "per-task loop"]["speedup_vs_loop"] == pytest.approx(1.0)
     for r in record["rows"]:  # an MLP in float32: rounding only
-        assert r["rel_err_vs_float64"] < 1e-5, r
+        # Reptile's update is measured as theta_new - theta_old, a difference
+        # of float32 numbers some 400 times larger (in norm): 1e-5 is their rounding
+        tol = 1e-4 if r["workload"] == "sinusoid-reptile" else 1e-5
+        assert r["rel_err_vs_float64"] < tol, r
         assert r["ms_per_step"] > 0
-    assert variants["per-task loop"]["speedup_vs_loop"] == pytest.approx(1.0)
 
 
 def test_bench_refuses_unknown_workloads_and_gpu_only_options():
@@ -78,7 +83,7 @@ def test_gpu_script_names_only_variants_the_benchmark_has():
     # time a variant meant to be left out). Checked here, without a GPU.
     cuda = torch.device("cuda")  # variants() reads only the device's type
     known = {"higher"}  # present when higher is installed
-    for name in ("sinusoid", "conv4", "conv4-20w", "conv4-fo", "conv4-reptile"):
+    for name in bench.WORKLOADS:
         w = bench.workload(name, torch.device("cpu"))
         w["compile"] = True
         for experiments in (False, True):

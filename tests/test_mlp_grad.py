@@ -6,7 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlbook as ml
-from mlbook.mlp_grad import adam_update, maml_adam_step, relu_mlp_meta_grad
+from mlbook.mlp_grad import (
+    adam_update,
+    maml_adam_step,
+    relu_mlp_meta_grad,
+    reptile_step,
+)
 
 
 def regression_batch(tasks, k, q, d_in, d_out, seed, dtype=torch.float64):
@@ -245,5 +250,102 @@ def test_compiled_adam_step_gives_torch_adam_and_keeps_its_state_format():
             maml.step(b, opt)
         finals.append([p.detach().clone() for p in net.parameters()])
         assert all(opt.state[p]["step"].item() == 5 for p in net.parameters())
+    for a, c in zip(*finals):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def autograd_reptile(net, batch, alpha, steps, x_eval, y_eval):
+    """Each task's loss at its adapted weights and theta - mean_t phi_t, by plain
+    autograd one task at a time (no mlbook)."""
+    theta = {k: p.detach() for k, p in net.named_parameters()}
+    losses, phis = [], []
+    for t in range(batch.num_tasks):
+        phi = dict(theta)
+        for _ in range(steps):
+            phi = {k: p.requires_grad_() for k, p in phi.items()}
+            loss = F.mse_loss(
+                torch.func.functional_call(net, phi, batch.x_support[t]),
+                batch.y_support[t],
+            )
+            grads = torch.autograd.grad(loss, list(phi.values()))
+            phi = {k: (p - alpha * g).detach() for (k, p), g in zip(phi.items(), grads)}
+        pred = torch.func.functional_call(net, phi, x_eval[t])
+        losses.append(F.mse_loss(pred, y_eval[t]).detach())
+        phis.append(phi)
+    directions = [theta[k] - torch.stack([ph[k] for ph in phis]).mean(0) for k in theta]
+    return torch.stack(losses), directions
+
+
+@pytest.mark.parametrize("hidden", [(), (7,), (40, 40), (1, 4)])
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("d_in,d_out", [(2, 3), (1, 1)])
+def test_closed_form_reptile_equals_autograd_in_float64(hidden, steps, d_in, d_out):
+    net = ml.models.MLP(d_in, hidden, d_out).double()
+    batch = regression_batch(4, 6, 9, d_in, d_out, seed=len(hidden))
+    expected_losses, expected = autograd_reptile(
+        net, batch, 0.3, steps, batch.x_query, batch.y_query
+    )
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    weights = [m.weight.detach() for m in linears]
+    biases = [m.bias.detach() for m in linears]
+    before = [p.clone() for p in weights + biases]
+    args = (batch.x_support, batch.y_support, batch.x_query, batch.y_query, 0.3, steps)
+    losses, directions = reptile_step(weights, biases, *args, None, True)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=0)
+    got = directions[: len(weights)], directions[len(weights) :]
+    got = [d for pair in zip(*got) for d in pair]  # net's order: W1, b1, W2, ...
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-13)
+    # with outer_lr: theta <- theta - outer_lr * direction, in place
+    reptile_step(weights, biases, *args, torch.tensor(0.5, dtype=torch.float64), True)
+    for p, b, d in zip(weights + biases, before, directions):
+        torch.testing.assert_close(p, b - 0.5 * d, rtol=1e-12, atol=1e-14)
+
+
+def test_reptile_without_query_points_adapts_and_scores_on_the_support_set():
+    net = ml.models.MLP(1, (8,), 1).double()
+    full = regression_batch(3, 5, 4, 1, 1, seed=3)
+    batch = ml.TaskBatch(
+        full.x_support, full.y_support, full.x_support[:, :0], full.y_support[:, :0]
+    )
+    reptile = ml.Reptile(net, F.mse_loss, inner_lr=0.1, inner_steps=3)
+    assert reptile._mlp_layers(batch, batch.x_support, batch.y_support) is not None
+    expected_losses, _ = autograd_reptile(
+        net, batch, 0.1, 3, batch.x_support, batch.y_support
+    )
+    loss = reptile.meta_step(batch)
+    assert loss == pytest.approx(expected_losses.mean().item(), rel=1e-12)
+
+
+def test_closed_form_reptile_refuses_nan_and_leaves_the_model_as_it_was():
+    net = ml.models.MLP(1, (8,), 1)
+    batch = regression_batch(2, 5, 5, 1, 1, seed=0, dtype=torch.float32)
+    batch.x_query[0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    for opt in (None, torch.optim.SGD(net.parameters(), lr=0.1)):
+        with pytest.raises(FloatingPointError, match="Reptile loss"):
+            ml.Reptile(net, F.mse_loss, 0.1).meta_step(batch, opt)
+        for p, b in zip(net.parameters(), before):
+            assert torch.equal(p.detach(), b)
+    # check_finite=False is asked for speed: the update is not held back (the
+    # NaN is in a query point, so the adapted weights and the update are finite)
+    ml.Reptile(net, F.mse_loss, 0.1, check_finite=False).meta_step(batch)
+    assert not all(torch.equal(p.detach(), b) for p, b in zip(net.parameters(), before))
+
+
+def test_compiled_reptile_step_gives_the_eager_step():
+    # Without a C++ compiler Reptile warns and runs eager, which this accepts:
+    # either way the numbers must agree, for a float and a tensor outer_lr.
+    b = ml.tasks.Sinusoid().sample(
+        25, 10, 10, generator=torch.Generator().manual_seed(2)
+    )
+    finals = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        net = ml.models.MLP(1, (40, 40), 1)
+        reptile = ml.Reptile(net, F.mse_loss, 0.02, 5, outer_lr=0.1, compile=compile)
+        for lr in (0.1, 0.05, torch.tensor(0.2)):
+            reptile.step(b, outer_lr=lr)
+        finals.append([p.detach().clone() for p in net.parameters()])
     for a, c in zip(*finals):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)

@@ -35,12 +35,33 @@ def reptile_by_hand(net, batch, inner_lr, inner_steps, outer_lr):
     ]
 
 
+class AutogradReptile(ml.Reptile):
+    """Reptile as is; being a subclass, it never takes the closed-form MLP
+    step (mlbook.mlp_grad), so the autograd path is tested on the CPU too."""
+
+
+@pytest.fixture(params=["closed form", "autograd"])
+def reptile_cls(request, monkeypatch, device):
+    """Each Reptile test runs once per path; the closed form is the CPU's
+    default for an MLP, and the other path must not reach it."""
+    if request.param == "closed form":
+        if device.type != "cpu":
+            pytest.skip("the closed-form step is for the CPU")
+        return ml.Reptile
+
+    def refuse(*args):
+        raise AssertionError("the autograd path took the closed form")
+
+    monkeypatch.setattr("mlbook.reptile.reptile_step", refuse)
+    return AutogradReptile
+
+
 @pytest.mark.parametrize("inner_steps", [1, 4])
-def test_reptile_meta_step_equals_per_task_loop(device, inner_steps):
+def test_reptile_meta_step_equals_per_task_loop(device, inner_steps, reptile_cls):
     net = ml.models.MLP(1, (12, 12), 1).double().to(device)
     batch = double_batch(5, 6, 4, 0, device)
     expected = reptile_by_hand(net, batch, 0.03, inner_steps, 0.5)
-    reptile = ml.Reptile(
+    reptile = reptile_cls(
         net, F.mse_loss, inner_lr=0.03, inner_steps=inner_steps, outer_lr=0.5
     )
     reptile.meta_step(batch)
@@ -48,12 +69,14 @@ def test_reptile_meta_step_equals_per_task_loop(device, inner_steps):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
 
 
-def test_reptile_with_an_optimizer_uses_theta_minus_phi_as_gradient(device):
+def test_reptile_with_an_optimizer_uses_theta_minus_phi_as_gradient(
+    device, reptile_cls
+):
     net = ml.models.MLP(1, (8,), 1).double().to(device)
     batch = double_batch(3, 5, 5, 1, device)
     # SGD(lr) on the "gradient" theta - mean phi is the plain update with outer_lr=lr
     expected = reptile_by_hand(net, batch, 0.02, 3, 0.25)
-    reptile = ml.Reptile(net, F.mse_loss, inner_lr=0.02, inner_steps=3, outer_lr=1.0)
+    reptile = reptile_cls(net, F.mse_loss, inner_lr=0.02, inner_steps=3, outer_lr=1.0)
     reptile.meta_step(batch, torch.optim.SGD(net.parameters(), lr=0.25))
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
