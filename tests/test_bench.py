@@ -195,25 +195,28 @@ def test_readme_second_derivative_figures_match_their_records():
 
 
 def test_readme_cpu_table_matches_the_records():
+    workloads = {
+        "sinusoid MAML": "sinusoid",
+        "sinusoid first-order MAML": "sinusoid-fo",
+        "sinusoid Reptile, 5 inner steps": "sinusoid-reptile",
+    }
+    records = {"1": "bench-cpu", "2": "bench-cpu-2threads"}
     seen = set()
     for line in (ROOT / "README.md").read_text().splitlines():
-        if not line.startswith(("| 1 |", "| 2 |")):  # rows: CPU threads, ms...
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(cells) != 6 or cells[1] not in records:  # rows: name, threads, ms...
             continue
-        threads, *cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-        name = {"1": "bench-cpu", "2": "bench-cpu-2threads"}[threads]
-        record = bench.load_record(name)
+        label, threads, *cells = cells
+        record = bench.load_record(records[threads])
         assert record["threads"] == int(threads)
-        rows = {
-            r["variant"]: r["ms_per_step"]
-            for r in record["rows"]
-            if r["workload"] == "sinusoid"
-        }
+        rows = {(r["workload"], r["variant"]): r["ms_per_step"] for r in record["rows"]}
         for variant, cell in zip(
             ["per-task loop", "torch.func vmap", "mlbook", "mlbook compiled"], cells
         ):
-            assert float(cell) == round(rows[variant], 2), (name, variant)
-        seen.add(name)
-    assert seen == {"bench-cpu", "bench-cpu-2threads"}
+            want = rows[workloads[label], variant]
+            assert float(cell) == round(want, 2), (label, threads, variant)
+        seen.add((workloads[label], threads))
+    assert seen == {(w, t) for w in workloads.values() for t in records}
 
 
 def test_readme_op_count_table_matches_the_record():
