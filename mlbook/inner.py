@@ -413,6 +413,15 @@ class InnerLoop:
         return weights, biases
 
     compile = False  # MAML and Reptile take it as an argument
+    _lr = None  # (a learning rate, the same as a 0-dim tensor): see _lr_tensor
+
+    def _lr_tensor(self, value: float) -> torch.Tensor:
+        """``value`` as a 0-dim float64 tensor, the same tensor while the value
+        stays: a compiled step reads a learning rate from a tensor, so a new
+        value (a schedule) does not recompile it."""
+        if self._lr is None or self._lr[0] != value:
+            self._lr = (value, torch.tensor(value, dtype=torch.float64))
+        return self._lr[1]
 
     def _run(self, fn, *args):
         """``fn(*args)``, through torch.compile when ``self.compile``."""

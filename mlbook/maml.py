@@ -78,7 +78,6 @@ class MAML(InnerLoop):
         if tasks_per_pass is not None:
             _positive("tasks_per_pass", tasks_per_pass, int)
         self.tasks_per_pass = tasks_per_pass
-        self._lr = None  # (learning rate, the same as a tensor) for maml_adam_step
 
     def meta_loss(self, batch: TaskBatch, reduce: bool = True) -> torch.Tensor:
         """Mean query loss after ``inner_steps`` steps on each support set.
@@ -145,9 +144,7 @@ class MAML(InnerLoop):
             [st[k] for st in states] for k in ("exp_avg", "exp_avg_sq", "step")
         )
         beta1, beta2 = group["betas"]
-        if self._lr is None or self._lr[0] != group["lr"]:  # one tensor per value
-            self._lr = (group["lr"], torch.tensor(group["lr"], dtype=torch.float64))
-        lr = self._lr[1]
+        lr = self._lr_tensor(group["lr"])
         return state, lr, (beta1, beta2, group["eps"], group["weight_decay"])
 
     def _passes(self, batch):

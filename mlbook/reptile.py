@@ -52,7 +52,6 @@ class Reptile(InnerLoop):
         )
         self.outer_lr = _positive("outer_lr", outer_lr)
         self.compile = bool(compile)
-        self._lr = None  # (outer_lr, the same as a 0-dim tensor) for reptile_step
         if self.inner_steps == 0:
             raise ValueError(
                 "inner_steps must be >= 1 for Reptile (phi would equal theta)"
@@ -110,10 +109,8 @@ class Reptile(InnerLoop):
             lr = None  # the optimizer takes the step, from the directions
         elif torch.is_tensor(outer_lr):
             lr = outer_lr
-        else:  # a tensor, so a compiled step does not recompile per value
-            if self._lr is None or self._lr[0] != outer_lr:
-                self._lr = (outer_lr, torch.tensor(outer_lr, dtype=torch.float64))
-            lr = self._lr[1]
+        else:
+            lr = self._lr_tensor(outer_lr)
         with torch.no_grad():
             losses, directions = self._run(
                 reptile_step,
