@@ -108,52 +108,57 @@ def _loop_reptile(w, model, batch):
     return total / batch.num_tasks
 
 
-def vmap_step(w, model, batch, opt):
-    """The textbook torch.func version: grad inside vmap over tasks."""
-    if w["method"] == "reptile":
-        return _vmap_reptile(w, model, batch)
-    params = dict(model.named_parameters())
+def _func_sgd(w, model):
+    """``loss(p, x, y)`` and ``sgd(p, x, y)`` (the workload's inner steps from
+    ``p``), written with torch.func for the vmap baselines."""
 
     def loss(p, x, y):
         return w["loss"](functional_call(model, p, (x,)), y)
 
-    def task(p, xs, ys, xq, yq):
+    def sgd(p, x, y):
         for _ in range(w["steps"]):
-            g = grad(loss)(p, xs, ys)
+            g = grad(loss)(p, x, y)
             if w["method"] == "fomaml":  # the inner gradient as a constant
                 g = {k: v.detach() for k, v in g.items()}
             p = {k: p[k] - w["alpha"] * g[k] for k in p}
-        return loss(p, xq, yq)
+        return p
+
+    return loss, sgd
+
+
+def vmap_step(w, model, batch, opt):
+    """The textbook torch.func version: grad inside vmap over tasks."""
+    loss, sgd = _func_sgd(w, model)
+    if w["method"] == "reptile":  # no outer gradient: theta moves towards phi
+        params = {k: p.detach() for k, p in model.named_parameters()}
+
+        def adapted(p, xs, ys):
+            phi = sgd(p, xs, ys)
+            return phi, loss(phi, xs, ys)
+
+        phi, losses = vmap(adapted, in_dims=(None, 0, 0))(
+            params, batch.x_support, batch.y_support
+        )
+        with torch.no_grad():
+            for k, p in model.named_parameters():  # theta += eps (mean phi - theta)
+                p.add_(w["outer_lr"] * (phi[k].mean(0) - p))
+        return losses.mean()
+
+    def task(p, xs, ys, xq, yq):
+        return loss(sgd(p, xs, ys), xq, yq)
 
     opt.zero_grad(set_to_none=True)
     losses = vmap(task, in_dims=(None, 0, 0, 0, 0))(
-        params, batch.x_support, batch.y_support, batch.x_query, batch.y_query
+        dict(model.named_parameters()),
+        batch.x_support,
+        batch.y_support,
+        batch.x_query,
+        batch.y_query,
     )
     out = losses.mean()
     out.backward()
     opt.step()
     return out.detach()
-
-
-def _vmap_reptile(w, model, batch):
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
-    def loss(p, x, y):
-        return w["loss"](functional_call(model, p, (x,)), y)
-
-    def task(p, xs, ys):
-        for _ in range(w["steps"]):
-            g = grad(loss)(p, xs, ys)
-            p = {k: p[k] - w["alpha"] * g[k] for k in p}
-        return p, loss(p, xs, ys)
-
-    phi, losses = vmap(task, in_dims=(None, 0, 0))(
-        params, batch.x_support, batch.y_support
-    )
-    with torch.no_grad():
-        for k, p in model.named_parameters():  # theta += eps (mean phi - theta)
-            p.add_(w["outer_lr"] * (phi[k].mean(0) - p))
-    return losses.mean()
 
 
 def _conv4_losses(params, x, y):

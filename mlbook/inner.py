@@ -208,6 +208,9 @@ class InnerLoop:
     ``check_finite=False`` skips the host-side NaN check (one sync per call).
     """
 
+    compile = False  # MAML and Reptile take it as an argument (see _run)
+    _lr = None  # (a learning rate, the same as a 0-dim tensor): see _lr_tensor
+
     def __init__(
         self,
         model: nn.Module,
@@ -411,9 +414,6 @@ class InnerLoop:
         if batch.y_support.shape != (t, k, out) or y_eval.shape != (t, q, out):
             return None  # mse_loss would broadcast: leave it to the general path
         return weights, biases
-
-    compile = False  # MAML and Reptile take it as an argument
-    _lr = None  # (a learning rate, the same as a 0-dim tensor): see _lr_tensor
 
     def _lr_tensor(self, value: float) -> torch.Tensor:
         """``value`` as a 0-dim float64 tensor, the same tensor while the value
