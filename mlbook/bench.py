@@ -323,6 +323,7 @@ def workload(name: str, device, gpu_sizes: bool = False) -> dict:
 
 
 PLAIN_DOUBLE = "mlbook autograd-2nd"
+ALL_AT_ONCE = "mlbook tasks at once"
 # the "levers combined" experiment: _learner's options, all on
 LEVERS = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
 
@@ -351,6 +352,7 @@ def _learner(
     fused_adam=False,
     fused_block=False,
     one_channel_matmul=False,
+    task_by_task=None,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -376,6 +378,7 @@ def _learner(
         )
     out._channels_last, out._plain_norm = channels_last, plain_norm
     out._batched_double = batched_double
+    out._task_by_task = task_by_task
     out._fused_block, out._one_channel_matmul = fused_block, one_channel_matmul
     out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
@@ -432,6 +435,11 @@ def variants(w, device, experiments=False) -> dict:
     double = conv and w["method"] == "maml" and device.type == "cuda"
     if double:
         out[PLAIN_DOUBLE] = (lambda m: _learner(w, m, batched_double=False), False)
+    if conv and device.type == "cpu" and w["method"] == "reptile":
+        # On the CPU Conv4 takes a batch one task at a time (MAML's step splits
+        # the meta-batch so anyway); Reptile's step all tasks at once, as on
+        # CUDA, is that choice's own baseline
+        out[ALL_AT_ONCE] = (lambda m: _learner(w, m, task_by_task=False), False)
     if conv:
         out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
     if w.get("compile") and conv and w["method"] != "reptile":

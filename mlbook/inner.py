@@ -205,6 +205,7 @@ class InnerLoop:
     per layer, ``mlbook.models.Conv4`` with the tasks' channels side by side
     (``conv_impl="grouped"``: one grouped convolution per layer; ``"bmm"``:
     unfold + batched matmul), any other module under ``torch.func.vmap``.
+    On the CPU, Conv4 takes a batch of tasks one task at a time (faster there).
     ``check_finite=False`` skips the host-side NaN check (one sync per call).
     """
 
@@ -265,8 +266,12 @@ class InnerLoop:
         # autograd's double backward of F.conv2d (False). None: the first on
         # CUDA, where autograd's per-task loop made the step 1.3-1.5x slower
         # (records/bench-h200-conv4.json); the second on the CPU, where
-        # MAML.step runs Conv4 one task per pass (one group, no loop).
+        # Conv4 runs one task at a time (one group, no loop).
         self._batched_double = None
+        # Conv4 on a batch of tasks one task at a time (True) or all at once
+        # (False); None: the first on the CPU, the second elsewhere (see
+        # _one_task_per_pass).
+        self._task_by_task = None
 
     # -- parameters -----------------------------------------------------------
     def params(self) -> dict:
@@ -444,6 +449,17 @@ class InnerLoop:
         return fn(*args)
 
     # -- the functional core ----------------------------------------------------
+    def _one_task_per_pass(self, x, batched) -> bool:
+        """Whether a batch of tasks goes through Conv4 one task at a time. By
+        default on the CPU, where a grouped convolution over T tasks' channels
+        runs slower than T plain ones and a whole batch's activations outgrow
+        the caches (``python -m mlbook bench --device cpu --workloads
+        conv4-reptile`` times Reptile's step both ways)."""
+        by_task = self._task_by_task
+        if by_task is None:
+            by_task = x.device.type == "cpu"
+        return batched and by_task and self._conv_plan is not None and x.shape[0] > 1
+
     def _forward(self, params, buffers, x, batched, params_batched, twice=False):
         """f_params(x) for one task, or for each task of a batch ``[T, K, ...]``.
         ``twice``: this pass will be differentiated twice (MAML's support set)."""
@@ -463,6 +479,17 @@ class InnerLoop:
                     h = step(h)
             return h  # [T, K, out]
         if self._conv_plan is not None and params_batched:
+            if self._one_task_per_pass(x, batched):
+                return torch.cat(
+                    [
+                        self._conv_forward(
+                            {k: p[i : i + 1] for k, p in params.items()},
+                            x[i : i + 1],
+                            twice,
+                        )
+                        for i in range(x.shape[0])
+                    ]
+                )
             return self._conv_forward(params, x, twice)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
         # randomness: each task draws its own dropout masks (and the like)
@@ -618,6 +645,16 @@ class InnerLoop:
         derivative of batch/layer/instance norm wrong in torch 2.13; autograd
         through the batched forward is exact: tests/test_maml.py checks Conv4.)
         """
+        if self._one_task_per_pass(x, batched):
+            # each task's whole inner loop, then the next task's (under
+            # no_grad one task's activations are freed before the next's)
+            shared = not self._is_batched_params(params)
+            parts = []
+            for i in range(x.shape[0]):
+                own = params if shared else {k: p[i : i + 1] for k, p in params.items()}
+                xy = x[i : i + 1], y[i : i + 1]
+                parts.append(self._adapt(own, buffers, *xy, steps, first_order, True))
+            return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         # Outside autograd (evaluation, Reptile) nothing needs to be kept for an
         # outer derivative: work on detached leaves and return detached tensors.
         differentiable = torch.is_grad_enabled()

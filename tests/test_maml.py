@@ -98,14 +98,15 @@ def conv4_forward(params, x, num_blocks=4):
 
 
 @pytest.mark.parametrize(
-    "impl", ["grouped", "grouped-batched", "grouped-levers", "bmm", "vmap"]
+    "impl",
+    ["grouped", "grouped-batched", "grouped-levers", "bmm", "by-task", "vmap"],
 )
 def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
     # convolution, with either second derivative, or unfold + bmm, and one
-    # batch norm); any other model runs
-    # under vmap. Each is checked, double backward included, against a
-    # per-task loop of ordinary autograd.
+    # batch norm), or takes the tasks one at a time (the CPU's default);
+    # any other model runs under vmap. Each is checked, double backward
+    # included, against a per-task loop of ordinary autograd.
     gen = torch.Generator().manual_seed(3)
     n_way, k, q, tasks, alpha, steps = 5, 1, 2, 3, 0.4, 2
     net = ml.models.Conv4(1, n_way, hidden=8).double().to(device)
@@ -118,6 +119,8 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     assert maml._conv_plan is not None
     if impl == "vmap":
         maml._conv_plan = None  # what every other model runs
+    elif impl == "by-task":
+        maml._task_by_task = True
     else:
         conv_impl = impl.split("-")[0]
         maml = ml.MAML(
@@ -129,6 +132,7 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
         # the speed experiments: mlbook.fused_block (compiled) and the first
         # layer as a batched matmul
         maml._fused_block = maml._one_channel_matmul = impl == "grouped-levers"
+        maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
 
@@ -290,6 +294,39 @@ def test_step_in_several_passes_gives_the_one_pass_meta_gradient(tasks_per_pass)
     torch.testing.assert_close(got, loss.detach(), rtol=1e-12, atol=0)
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-13)
+
+
+def test_conv4_task_by_task_equals_all_tasks_at_once(device):
+    # The CPU's default for Conv4 (one task at a time) against the batched
+    # form CUDA runs, in float64: adaptation under no_grad, continuing from
+    # adapted weights, predictions, losses, and the meta-gradient.
+    gen = torch.Generator().manual_seed(6)
+    tasks, n_way = 3, 4
+    x_s = torch.randn(tasks, n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    x_q = torch.randn(tasks, 2 * n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    # each task its own labelling, so no task's data passes for another's
+    y_s = torch.stack([torch.randperm(n_way, generator=gen) for _ in range(tasks)])
+    y_q = y_s.repeat(1, 2)
+    batch = ml.TaskBatch(x_s, y_s, x_q, y_q).to(device)
+    net = ml.models.Conv4(1, n_way, hidden=8).double().to(device)
+    maml = ml.MAML(net, F.cross_entropy, inner_lr=0.4, inner_steps=2)
+    assert maml._one_task_per_pass(x_s.to(device), True) == (device.type == "cpu")
+    assert not maml._one_task_per_pass(x_s[0].to(device), False)  # one task
+
+    def run(by_task):
+        maml._task_by_task = by_task
+        net.zero_grad()
+        with torch.no_grad():
+            fast = maml.adapt(batch.x_support, batch.y_support)
+            more = maml.adapt(batch.x_support, batch.y_support, steps=1, params=fast)
+            pred = maml.predict(more, batch.x_query)
+            losses = maml.task_losses(more, batch.x_query, batch.y_query)
+        maml.meta_loss(batch).backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        return [*fast.values(), *more.values(), pred, losses, *grads]
+
+    for got, expected in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_tasks_per_pass_default_and_checks():
