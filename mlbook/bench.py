@@ -670,8 +670,10 @@ def count_ops(w, device, levers=False) -> dict:
         raise ValueError(f"count_ops takes a Conv4 MAML workload, not {w['name']!r}")
     torch.manual_seed(0)
     on = LEVERS if levers else {}  # (fused Adam among them: no optimizer here)
-    learner = _learner(w, w["make"]().to(device), batched_double=True, **on)
-    learner.tasks_per_pass = w["batch"].num_tasks  # one pass, as on CUDA
+    # all tasks in one pass, as on CUDA (the CPU's default is one at a time)
+    model = w["make"]().to(device)
+    learner = _learner(w, model, batched_double=True, task_by_task=False, **on)
+    learner.tasks_per_pass = w["batch"].num_tasks
 
     def run():
         learner.meta_loss(w["batch"]).backward()

@@ -75,6 +75,13 @@ def test_count_ops_sees_the_levers_cut_the_operations(tmp_path, needs_compile):
         ("mlbook", 32),  # the CUDA meta-batch
         ("levers combined", 32),
     ]
+    # the dispatcher's counts: the same torch counts the shipped record again
+    # (the step in its CUDA form, all tasks in one pass, on this CPU too)
+    record = bench.load_record("bench-cpu-op-counts")
+    if record["torch"] == torch.__version__:
+        counts = record["op_counts"]
+        want = {r["variant"]: r["ops"] for r in counts if r["workload"] == "conv4"}
+        assert {r["variant"]: r["ops"] for r in rows} == want
 
 
 def test_gpu_script_names_only_variants_the_benchmark_has():
