@@ -447,8 +447,7 @@ def variants(w, device, experiments=False) -> dict:
             lambda m: _Baseline(compiled_func_step, w, m),
             False,
         )
-    if w["method"] == "maml" or sinusoid:
-        out["torch.func vmap"] = (lambda m: _Baseline(vmap_step, w, m), False)
+    out["torch.func vmap"] = (lambda m: _Baseline(vmap_step, w, m), False)
     out["per-task loop"] = (lambda m: _Baseline(loop_step, w, m), False)
     if w["method"] == "maml":
         try:
@@ -466,8 +465,7 @@ def variants(w, device, experiments=False) -> dict:
             )
         if conv:
             out["mlbook bmm + graph"] = (lambda m: _learner(w, m, "bmm"), True)
-        if w["method"] == "maml":
-            out["vmap + graph"] = (lambda m: _Baseline(vmap_step, w, m), True)
+        out["vmap + graph"] = (lambda m: _Baseline(vmap_step, w, m), True)
         if w.get("compile") and conv and w["method"] != "reptile":
             out["compiled torch.func + graph"] = (
                 lambda m: _Baseline(compiled_func_step, w, m),

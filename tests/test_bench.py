@@ -323,6 +323,33 @@ def test_torch_func_conv4_meta_gradient_equals_the_loop_in_float64(method, steps
     assert max(r.abs().max() for k, r in ref.items() if k.endswith("1.weight")) > 1e-3
 
 
+@pytest.mark.parametrize("method", ["fomaml", "reptile"])
+def test_vmap_baseline_equals_the_loop_for_conv4_in_float64(method):
+    # the torch.func vmap baseline the benchmark times for Conv4's first-order
+    # MAML and Reptile (first derivatives of batch norm only)
+    torch.manual_seed(0)
+    x_s = torch.randn(3, 3, 1, 16, 16).double()
+    x_q = torch.randn(3, 6, 1, 16, 16).double()
+    y_s = torch.stack([torch.randperm(3) for _ in range(3)])
+    batch = ml.TaskBatch(x_s, y_s, x_q, y_s.repeat(1, 2))
+    w = dict(loss=F.cross_entropy, alpha=0.3, steps=2, method=method, outer_lr=0.5)
+    results = []
+    for step in (bench.loop_step, bench.vmap_step):
+        torch.manual_seed(1)
+        model = ml.models.Conv4(1, 3, hidden=4, image_size=16).double()
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = step(w, model, batch, torch.optim.SGD(model.parameters(), lr=0.0))
+        if method == "reptile":  # the weights' change
+            update = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        else:  # the meta-gradient
+            update = [p.grad for p in model.parameters()]
+        results.append((loss.item(), torch.cat([u.flatten() for u in update])))
+    (loop_loss, loop), (vmap_loss, got) = results
+    assert vmap_loss == pytest.approx(loop_loss, rel=1e-12)
+    assert loop.abs().max() > 1e-3
+    torch.testing.assert_close(got, loop, rtol=1e-9, atol=1e-12 * loop.abs().max())
+
+
 def test_readme_compiled_conv4_figures_match_their_record():
     rows = bench.load_record("bench-cpu-conv4-compiled")["rows"]
     ms = {r["variant"]: r["ms_per_step"] for r in rows}
