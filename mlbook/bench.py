@@ -671,7 +671,6 @@ def count_ops(w, device, levers=False) -> dict:
     # all tasks in one pass, as on CUDA (the CPU's default is one at a time)
     model = w["make"]().to(device)
     learner = _learner(w, model, batched_double=True, task_by_task=False, **on)
-    learner.tasks_per_pass = w["batch"].num_tasks
 
     def run():
         learner.meta_loss(w["batch"]).backward()

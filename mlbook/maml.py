@@ -151,11 +151,11 @@ class MAML(InnerLoop):
         """How ``step`` splits the meta-batch into forward/backward passes."""
         n = self.tasks_per_pass
         if n is None:
-            # Conv4 on the CPU goes task by task: a whole meta-batch's
-            # activations outgrow the caches and every elementwise operation
-            # then streams them from memory (measured: 10-20% slower).
-            cpu = batch.x_support.device.type == "cpu"
-            n = 1 if cpu and self._conv_plan is not None else batch.num_tasks
+            # Where Conv4 runs one task at a time (the CPU), one task per pass
+            # too: each pass's backward frees its graph before the next pass
+            # builds one, so a whole meta-batch's activations are never held.
+            by_task = self._one_task_per_pass(batch.x_support, True)
+            n = 1 if by_task else batch.num_tasks
         return [slice(i, i + n) for i in range(0, batch.num_tasks, n)]
 
     def _meta_backward(self, batch):

@@ -341,6 +341,8 @@ def test_tasks_per_pass_default_and_checks():
     points = ml.TaskBatch(*(torch.zeros(6, 4, 1) for _ in range(4)))
     assert len(conv._passes(images)) == 6  # Conv4 on the CPU: task by task
     assert len(mlp._passes(points)) == 1  # the rest: all tasks in one pass
+    conv._task_by_task = False  # Conv4 all tasks at once (as on CUDA)
+    assert len(conv._passes(images)) == 1
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="tasks_per_pass"):
             ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, 0.1, tasks_per_pass=bad)
