@@ -161,6 +161,11 @@ def _fusable(plan, i):
     )
 
 
+def _task(params: dict, i: int) -> dict:
+    """Task i's slice ``[1, ...]`` of per-task weights ``{name: [T, ...]}``."""
+    return {k: p[i : i + 1] for k, p in params.items()}
+
+
 def _positive(name, value, kind=float, allow_zero=False):
     ok = isinstance(value, (int, float) if kind is float else int)
     ok = ok and not isinstance(value, bool) and math.isfinite(value)
@@ -480,16 +485,11 @@ class InnerLoop:
             return h  # [T, K, out]
         if self._conv_plan is not None and params_batched:
             if self._one_task_per_pass(x, batched):
-                return torch.cat(
-                    [
-                        self._conv_forward(
-                            {k: p[i : i + 1] for k, p in params.items()},
-                            x[i : i + 1],
-                            twice,
-                        )
-                        for i in range(x.shape[0])
-                    ]
-                )
+                outs = [
+                    self._conv_forward(_task(params, i), x[i : i + 1], twice)
+                    for i in range(x.shape[0])
+                ]
+                return torch.cat(outs)
             return self._conv_forward(params, x, twice)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
         # randomness: each task draws its own dropout masks (and the like)
@@ -651,7 +651,7 @@ class InnerLoop:
             shared = not self._is_batched_params(params)
             parts = []
             for i in range(x.shape[0]):
-                own = params if shared else {k: p[i : i + 1] for k, p in params.items()}
+                own = params if shared else _task(params, i)
                 xy = x[i : i + 1], y[i : i + 1]
                 parts.append(self._adapt(own, buffers, *xy, steps, first_order, True))
             return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
