@@ -323,6 +323,10 @@ def workload(name: str, device, gpu_sizes: bool = False) -> dict:
 
 
 PLAIN_DOUBLE = "mlbook autograd-2nd"
+# CUDA's Conv4 step without mlbook.fused_block and the first layer as a
+# matmul (its defaults there): the two levers' own baseline
+UNFUSED = "mlbook unfused"
+OFF = dict(fused_block=False, one_channel_matmul=False)
 ALL_AT_ONCE = "mlbook tasks at once"
 # the "levers combined" experiment: _learner's options, all on
 LEVERS = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
@@ -350,8 +354,8 @@ def _learner(
     compile=False,
     batched_double=None,
     fused_adam=False,
-    fused_block=False,
-    one_channel_matmul=False,
+    fused_block=None,
+    one_channel_matmul=None,
     task_by_task=None,
 ):
     if w["method"] == "reptile":
@@ -404,6 +408,12 @@ def variants(w, device, experiments=False) -> dict:
     if experiments:  # levers tried on the graphed mlbook step (CUDA only)
         return {
             "mlbook + graph": (lambda m: _learner(w, m), True),
+            UNFUSED + " + graph": (lambda m: _learner(w, m, **OFF), True),
+            # the fused block in the query pass too (and in first-order ones)
+            "fused every pass + graph": (
+                lambda m: _learner(w, m, fused_block=True),
+                True,
+            ),
             "NHWC + graph": (lambda m: _learner(w, m, channels_last=True), True),
             "plain BN + graph": (lambda m: _learner(w, m, plain_norm=True), True),
             "bf16 + graph": (lambda m: _learner(w, m, bf16=True), True),
@@ -412,11 +422,18 @@ def variants(w, device, experiments=False) -> dict:
                 True,
             ),
             "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
-            "fused Adam + graph": (lambda m: _learner(w, m, fused_adam=True), True),
-            # mlbook.fused_block, and the first layer as one batched matmul
-            "fused block + graph": (lambda m: _learner(w, m, fused_block=True), True),
+            "fused Adam + graph": (
+                lambda m: _learner(w, m, fused_adam=True, **OFF),
+                True,
+            ),
+            # each lever alone: mlbook.fused_block (every pass), and the first
+            # layer as one batched matmul
+            "fused block + graph": (
+                lambda m: _learner(w, m, fused_block=True, one_channel_matmul=False),
+                True,
+            ),
             "conv1 matmul + graph": (
-                lambda m: _learner(w, m, one_channel_matmul=True),
+                lambda m: _learner(w, m, fused_block=False, one_channel_matmul=True),
                 True,
             ),
             "levers combined + graph": (lambda m: _learner(w, m, **LEVERS), True),
@@ -464,6 +481,7 @@ def variants(w, device, experiments=False) -> dict:
                 True,
             )
         if conv:
+            out[UNFUSED + " + graph"] = (lambda m: _learner(w, m, **OFF), True)
             out["mlbook bmm + graph"] = (lambda m: _learner(w, m, "bmm"), True)
         out["vmap + graph"] = (lambda m: _Baseline(vmap_step, w, m), True)
         if w.get("compile") and conv and w["method"] != "reptile":
@@ -659,15 +677,16 @@ def count_ops(w, device, levers=False) -> dict:
     (compiled code's not included). A proxy for a GPU step's kernel launches
     and memory traffic, not a timing. ``w``: a Conv4 MAML workload,
     ``workload("conv4", device, gpu_sizes=True)`` say; ``levers``:
-    mlbook.fused_block and the first layer as a matmul. Returns the counts as
-    a dict."""
+    mlbook.fused_block in every pass and the first layer as a matmul, else
+    neither (``UNFUSED``; CUDA's default has both, the block in the support
+    pass only). Returns the counts as a dict."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     if w["method"] != "maml" or not w["name"].startswith("conv4"):
         raise ValueError(f"count_ops takes a Conv4 MAML workload, not {w['name']!r}")
     torch.manual_seed(0)
-    on = LEVERS if levers else {}  # (fused Adam among them: no optimizer here)
+    on = LEVERS if levers else OFF  # (fused Adam among them: no optimizer here)
     # all tasks in one pass, as on CUDA (the CPU's default is one at a time)
     model = w["make"]().to(device)
     learner = _learner(w, model, batched_double=True, task_by_task=False, **on)
@@ -703,7 +722,7 @@ def count_ops(w, device, levers=False) -> dict:
                         elements += math.prod(shape)
     return dict(
         workload=w["name"],
-        variant="levers combined" if levers else "mlbook",
+        variant="levers combined" if levers else UNFUSED,
         num_tasks=w["batch"].num_tasks,
         ops=ops,
         compiled_calls=compiled,

@@ -262,10 +262,18 @@ class InnerLoop:
         # channels-last activations, batch norm written with plain ops.
         self._channels_last = False
         self._plain_norm = False
-        # batch norm -> ReLU -> max-pool compiled as one (mlbook.fused_block);
-        # first-layer filters on one input channel as one batched matmul
-        self._fused_block = False
-        self._one_channel_matmul = False
+        # Batch norm -> ReLU -> max-pool compiled as one (mlbook.fused_block),
+        # and first-layer filters on one input channel as one batched matmul.
+        # None: by device. On CUDA the matmul always, the fused block in the
+        # passes differentiated twice (MAML's support set), where it replaces
+        # batch norm's double backward; the H200 took a 5-way MAML step from
+        # 8.7 to 6.2 ms and a 20-way one from 39.9 to 22.0 ms with both, while
+        # a first-order step was slower with the block (4.9 -> 5.9 ms;
+        # records/bench-h200-levers-timed.json). On the CPU neither (one task
+        # per pass there: a plain convolution). True/False force them; the
+        # block also takes "twice" (the CUDA rule on any device).
+        self._fused_block = None
+        self._one_channel_matmul = None
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
         # autograd's double backward of F.conv2d (False). None: the first on
@@ -522,7 +530,7 @@ class InnerLoop:
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 h = self._conv(h, w, b, layer, t, twice)
-            elif kind == "norm" and self._fused_block and _fusable(plan, i - 1):
+            elif kind == "norm" and self._fuses(h, twice) and _fusable(plan, i - 1):
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]
                 h = bn_relu_pool(h, g.reshape(-1), b.reshape(-1), layer.eps)
                 i += 2  # the ReLU and the max-pool are in it
@@ -558,9 +566,18 @@ class InnerLoop:
                 )
         return h  # [T, N, classes]
 
+    def _fuses(self, h, twice) -> bool:
+        """Whether this pass takes mlbook.fused_block (see ``__init__``)."""
+        fused = self._fused_block
+        if fused is None:
+            fused = "twice" if h.is_cuda else False
+        return twice if fused == "twice" else fused
+
     def _conv(self, h, w, b, layer, t, twice=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
-        if self.conv_impl == "grouped" and self._one_channel_matmul and w.shape[2] == 1:
+        matmul = self._one_channel_matmul
+        matmul = h.is_cuda if matmul is None else matmul
+        if self.conv_impl == "grouped" and matmul and w.shape[2] == 1:
             return self._one_channel_conv(h, w, b, layer, t)
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second

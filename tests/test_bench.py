@@ -72,7 +72,7 @@ def test_count_ops_sees_the_levers_cut_the_operations(tmp_path, needs_compile):
     assert bench.main(argv) == 0
     rows = json.loads(out.read_text())["op_counts"]
     assert [(r["variant"], r["num_tasks"]) for r in rows] == [
-        ("mlbook", 32),  # the CUDA meta-batch
+        ("mlbook unfused", 32),  # the CUDA meta-batch
         ("levers combined", 32),
     ]
     # the dispatcher's counts: the same torch counts the shipped record again

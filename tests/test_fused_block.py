@@ -168,3 +168,40 @@ def test_torch_func_transforms_take_it():
 
     block = lambda h, g, b: bn_relu_pool(h, g, b, compiled=False)  # noqa: E731
     torch.testing.assert_close(meta_grad(block), meta_grad(_reference))
+
+
+def test_by_default_only_cuda_passes_differentiated_twice_are_fused(monkeypatch):
+    # MAML's support pass (differentiated twice) takes the fused block on
+    # CUDA; the query pass, first-order passes and every CPU pass do not.
+    # The rule is read off the activations' device, so a spy on the block
+    # and a stand-in for that device check it without a GPU.
+    import torch.nn.functional as F
+
+    import mlbook as ml
+    from mlbook import inner
+
+    calls = []
+
+    def spy(h, gamma, beta, eps=1e-5, compiled=True):
+        calls.append(tuple(h.shape))
+        return _reference(h, gamma, beta, eps)
+
+    monkeypatch.setattr(inner, "bn_relu_pool", spy)
+    net = Conv4(1, 5, hidden=4)
+    batch = ml.TaskBatch(
+        torch.randn(2, 5, 1, 28, 28),
+        torch.arange(5).expand(2, -1),
+        torch.randn(2, 10, 1, 28, 28),
+        torch.arange(5).repeat(2).expand(2, -1),
+    )
+    for first_order, fused_passes in [(False, 1), (True, 0)]:
+        maml = ml.MAML(net, F.cross_entropy, 0.4, first_order=first_order)
+        maml._task_by_task = False  # all tasks in one pass, as on CUDA
+        calls.clear()
+        maml.meta_loss(batch)
+        assert calls == []  # on the CPU: never
+        maml._fused_block = "twice"  # what None means on CUDA
+        maml.meta_loss(batch)
+        # four blocks per fused pass, each on the support set's 5 images
+        assert len(calls) == 4 * fused_passes
+        assert all(shape[0] == 5 for shape in calls)

@@ -99,7 +99,10 @@ def conv4_forward(params, x, num_blocks=4):
 
 @pytest.mark.parametrize(
     "impl",
-    ["grouped", "grouped-batched", "grouped-levers", "bmm", "by-task", "vmap"],
+    [
+        "grouped", "grouped-batched", "grouped-levers", "grouped-cuda", "bmm",
+        "by-task", "vmap",
+    ],
 )
 def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
@@ -129,9 +132,12 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
         # mlbook.grouped_conv for the support pass, and autograd's double
         # backward of F.conv2d (each device's default is one of the two)
         maml._batched_double = impl != "grouped"
-        # the speed experiments: mlbook.fused_block (compiled) and the first
-        # layer as a batched matmul
-        maml._fused_block = maml._one_channel_matmul = impl == "grouped-levers"
+        # mlbook.fused_block (compiled) in every pass, or only in the passes
+        # differentiated twice (CUDA's default), and the first layer as a
+        # batched matmul (CUDA's default too)
+        levers = impl in ("grouped-levers", "grouped-cuda")
+        maml._fused_block = "twice" if impl == "grouped-cuda" else levers
+        maml._one_channel_matmul = levers
         maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
