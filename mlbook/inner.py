@@ -266,12 +266,14 @@ class InnerLoop:
         # and first-layer filters on one input channel as one batched matmul.
         # None: by device. On CUDA the matmul always, the fused block in the
         # passes differentiated twice (MAML's support set), where it replaces
-        # batch norm's double backward; the H200 took a 5-way MAML step from
-        # 8.7 to 6.2 ms and a 20-way one from 39.9 to 22.0 ms with both, while
-        # a first-order step was slower with the block (4.9 -> 5.9 ms;
-        # records/bench-h200-levers-timed.json). On the CPU neither (one task
-        # per pass there: a plain convolution). True/False force them; the
-        # block also takes "twice" (the CUDA rule on any device).
+        # batch norm's double backward: with both, the H200's graphed 5-way
+        # MAML step went from 8.74 to 5.69 ms, 20-way from 40.0 to 21.8 ms
+        # (records/bench-h200-defaults.json). Fused in every pass the 5-way
+        # step took 6.20 ms, and a first-order step was slower with the block
+        # than without (5.85 against 4.89 ms; bench-h200-levers-timed.json).
+        # On the CPU neither (one task per pass there: a plain convolution).
+        # True/False force them; the block also takes "twice" (the CUDA rule
+        # on any device).
         self._fused_block = None
         self._one_channel_matmul = None
         self._norms = None
