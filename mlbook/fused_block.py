@@ -1,10 +1,13 @@
 """Batch norm -> ReLU -> 2x2 max-pool as one operation, compiled.
 
-A speed experiment for second-order MAML on the GPU (``python -m mlbook bench
---experiments``), not yet the default. The H200 profile of a 5-way Conv4 step
-(``mlbook/records/bench-h200-profile-grouped-conv.json``) spends most of its
-kernel time outside the convolutions: autograd's double backward of batch norm
-alone runs about 100 small element-wise and reduction operations per layer
+For second-order MAML on the GPU: ``mlbook`` takes it on CUDA in the passes
+differentiated twice (MAML's support set; ``InnerLoop.__init__`` says why
+there only, ``records/bench-h200-defaults.json`` times it, and ``python -m
+mlbook bench --experiments`` times it alone). The H200 profile of a 5-way
+Conv4 step (``mlbook/records/bench-h200-profile-grouped-conv.json``), before
+it, spent most of its kernel time outside the convolutions: autograd's double
+backward of batch norm alone runs about 100 small element-wise and reduction
+operations per layer
 (40 multiplications and 33 sums among them, counted with torch.profiler on
 the CPU, torch 2.13), then come ReLU's and max-pool's backward and their
 derivatives. Each reads and writes whole activations. Here the three layers

@@ -12,8 +12,10 @@
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" adds the levers of `bench --experiments`
-# (fused Adam, mlbook.fused_block, the first convolution as a matmul; all
-# three, with grouped or bmm convolutions, then with TF32 matmuls) in the
+# (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
+# alone, all three, with grouped or bmm convolutions, then with TF32 matmuls;
+# the block and the matmul are CUDA's defaults, "mlbook unfused" is the step
+# without them) in the
 # graphed step and profiles of one step; "cudnn" a cudnn.benchmark run;
 # TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
 # compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
@@ -78,9 +80,10 @@ fi
 
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
-  # the first run compiles mlbook.fused_block (torch.compile) for each shape
-  timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
-    --only "mlbook + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
+  # the first run compiles mlbook.fused_block (torch.compile) for each shape;
+  # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
+  timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
+    --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
   echo "bench exit $?"
   say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"

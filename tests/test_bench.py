@@ -183,22 +183,69 @@ def test_readme_second_derivative_figures_match_their_records():
         for v in ("per-task loop", "torch.func vmap")
     ]
     assert "({:.1f} and {:.1f} ms; {:.1f} and {:.1f} ms)".format(*loop) in text
-    mib = [
-        after[w, v]["peak_mib"]
-        for w in ("conv4", "conv4-20w")
-        for v in ("mlbook + graph", "vmap + graph")
-    ]
-    assert "{:,.0f} MiB (mlbook) against {:,.0f} MiB".format(*mib[:2]) in text
-    assert "20-way: {:,.0f} against {:,.0f} MiB".format(*mib[2:]) in text
     tuned = {
         r["workload"]: r["ms_per_step"]
         for r in bench.load_record("bench-h200-conv4-cudnn-benchmark")["rows"]
         if r["variant"] == "mlbook + graph"
     }
     assert f"({tuned['conv4']:.2f} and {tuned['conv4-20w']:.1f} ms," in text
-    profile = bench.load_record("bench-h200-profile-grouped-conv")
-    assert f"({profile['kernel_ms_per_step']:.1f} ms of kernel time" in text
-    assert f"{profile['kernels_per_step']} kernels" in text
+
+
+def test_readme_lever_figures_match_their_records():
+    # mlbook.fused_block and the first layer as a matmul, CUDA's defaults
+    text = " ".join((ROOT / "README.md").read_text().split())
+    now = {
+        (r["workload"], r["variant"]): r
+        for r in bench.load_record("bench-h200-defaults")["rows"]
+    }
+    loads = ("conv4", "conv4-20w", "conv4-fo", "conv4-reptile")
+    ms = {k: r["ms_per_step"] for k, r in now.items()}
+    off = [ms[w, bench.UNFUSED + " + graph"] for w in loads]
+    on = [ms[w, "mlbook + graph"] for w in loads]
+    said = "(`{}`): {:.2f}, {:.2f}, {:.2f} and {:.2f} ms"
+    assert said.format(bench.UNFUSED, *off) in text
+    ratios = [a / b for a, b in zip(off, on)]
+    assert "worth {:.2f}x, {:.2f}x, {:.2f}x and {:.2f}x".format(*ratios) in text
+    assert all(r > 1.2 for r in ratios[:3]) and ratios[3] > 0.95
+    assert f"targets: {on[0]:.2f} and {on[1]:.2f} ms now" in text
+    mib = [
+        now[w, v]["peak_mib"]
+        for w in ("conv4", "conv4-20w")
+        for v in ("mlbook + graph", "vmap + graph")
+    ]
+    assert "{:,.0f} MiB (mlbook) against {:,.0f} MiB".format(*mib[:2]) in text
+    assert "20-way: {:,.0f} against {:,.0f} MiB".format(*mib[2:]) in text
+    for w in loads:  # the bound: no more memory than the vmap step
+        assert now[w, "mlbook + graph"]["peak_mib"] < now[w, "vmap + graph"]["peak_mib"]
+    alone = {
+        (r["workload"], r["variant"]): r["ms_per_step"]
+        for r in bench.load_record("bench-h200-levers-timed")["rows"]
+    }
+    c = {
+        v: alone["conv4", v + " + graph"]
+        for v in (
+            "fused block",
+            "conv1 matmul",
+            "levers combined",
+            "fused Adam",
+            "mlbook",
+        )
+    }
+    assert (
+        f"every pass took the 5-way step to {c['fused block']:.2f} ms, the "
+        f"matmul to {c['conv1 matmul']:.2f}, both to {c['levers combined']:.2f}"
+    ) in text
+    assert c["levers combined"] > on[0]  # "slower than fusing the support pass"
+    fo = [alone["conv4-fo", v + " + graph"] for v in ("fused block", "mlbook")]
+    assert "({:.2f} against {:.2f} ms)".format(*fo) in text and fo[0] > fo[1]
+    assert f"({c['fused Adam']:.2f} against {c['mlbook']:.2f})" in text
+    profile = bench.load_record("bench-h200-profile-levers")
+    (off_p, on_p) = profile["profiles"]
+    assert (
+        f"counts {off_p['kernels_per_step']} kernels and "
+        f"{off_p['kernel_ms_per_step']:.2f} ms of kernel time without the levers, "
+        f"{on_p['kernels_per_step']} kernels and {on_p['kernel_ms_per_step']:.2f} ms"
+    ) in text
 
 
 def test_readme_cpu_table_matches_the_records():
