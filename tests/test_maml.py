@@ -100,7 +100,7 @@ def conv4_forward(params, x, num_blocks=4):
 @pytest.mark.parametrize(
     "impl",
     [
-        "grouped", "grouped-batched", "grouped-levers", "grouped-cuda", "bmm",
+        "grouped", "grouped-batched", "grouped-levers", "grouped-twice", "bmm",
         "by-task", "vmap",
     ],
 )
@@ -135,8 +135,8 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
         # mlbook.fused_block (compiled) in every pass, or only in the passes
         # differentiated twice (CUDA's default), and the first layer as a
         # batched matmul (CUDA's default too)
-        levers = impl in ("grouped-levers", "grouped-cuda")
-        maml._fused_block = "twice" if impl == "grouped-cuda" else levers
+        levers = impl in ("grouped-levers", "grouped-twice")
+        maml._fused_block = "twice" if impl == "grouped-twice" else levers
         maml._one_channel_matmul = levers
         maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
