@@ -107,7 +107,8 @@ def _with_recompiles(compiled_fn, fn):
             compile_error = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"torch.compile failed ({compile_error}); mlbook.fused_block "
-                "runs its formulas eagerly (same numbers, not fused)",
+                "runs its formulas eagerly where asked (same numbers, not "
+                "fused), and MAML's default goes back to the plain batch norm",
                 stacklevel=2,
             )
             return out

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.utils import _pair
 
+from . import fused_block
 from .fused_block import bn_relu_pool
 from .grouped_conv import grouped_conv2d
 from .tasks import TaskBatch
@@ -572,7 +573,11 @@ class InnerLoop:
         """Whether this pass takes mlbook.fused_block (see ``__init__``)."""
         fused = self._fused_block
         if fused is None:
-            fused = "twice" if h.is_cuda else False
+            # Once torch.compile has failed here (no Triton for this GPU,
+            # say), the block would run its formulas eagerly: slower than
+            # cuDNN's batch norm, so the default goes back to that
+            works = fused_block.compile_error is None
+            fused = "twice" if h.is_cuda and works else False
         return twice if fused == "twice" else fused
 
     def _conv(self, h, w, b, layer, t, twice=False):

@@ -49,6 +49,12 @@ class MAML(InnerLoop):
     meta-gradient): a way to fit a large meta-batch in memory. By default all
     tasks go in one pass, except ``Conv4`` on the CPU, which goes task by task
     (faster there).
+
+    Second-order MAML on ``Conv4`` on CUDA runs batch norm, ReLU and max-pool
+    of the support pass as one compiled operation (``mlbook.fused_block``):
+    ``torch.compile`` compiles it at the first step of each shape, which takes
+    seconds, and if it fails (no Triton for the card, say) ``mlbook`` warns
+    once and keeps cuDNN's batch norm.
     """
 
     def __init__(

@@ -205,3 +205,25 @@ def test_by_default_only_cuda_passes_differentiated_twice_are_fused(monkeypatch)
         # four blocks per fused pass, each on the support set's 5 images
         assert len(calls) == 4 * fused_passes
         assert all(shape[0] == 5 for shape in calls)
+
+
+def test_the_cuda_default_falls_back_to_batch_norm_when_compile_failed(
+    monkeypatch,
+):
+    # the rule reads only the activations' device: a stand-in says "CUDA"
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    import mlbook as ml
+
+    maml = ml.MAML(Conv4(1, 5, hidden=4), F.cross_entropy, 0.4)
+    on_gpu = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(fused_block, "compile_error", None)
+    assert maml._fuses(on_gpu, twice=True)
+    assert not maml._fuses(on_gpu, twice=False)
+    assert not maml._fuses(SimpleNamespace(is_cuda=False), twice=True)
+    monkeypatch.setattr(fused_block, "compile_error", "RuntimeError: no Triton")
+    assert not maml._fuses(on_gpu, twice=True)  # cuDNN's batch norm again
+    maml._fused_block = True  # forced: the eager formulas, as asked
+    assert maml._fuses(on_gpu, twice=False)
