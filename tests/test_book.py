@@ -165,6 +165,12 @@ def test_chapter_format(entry):
         if cell.cell_type == "code":
             assert not cell.outputs, f"cell {i} has stored outputs: strip them"
             assert cell.execution_count is None, f"cell {i} has an execution count"
+    # nbformat.read adds a missing cell id silently (and warns at every build):
+    # the file itself must carry one per cell, each its own
+    raw = json.loads((ROOT / f"{entry}.ipynb").read_text(encoding="utf-8"))
+    ids = [cell.get("id") for cell in raw["cells"]]
+    assert None not in ids, f"cell {ids.index(None)} has no id"
+    assert len(set(ids)) == len(ids), "cell ids repeat"
 
 
 @pytest.mark.parametrize("entry", CHAPTERS)
