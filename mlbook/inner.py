@@ -574,8 +574,9 @@ class InnerLoop:
         fused = self._fused_block
         if fused is None:
             # Once torch.compile has failed here (no Triton for this GPU,
-            # say), the block would run its formulas eagerly: slower than
-            # cuDNN's batch norm, so the default goes back to that
+            # say), the block would run its formulas eagerly, one kernel per
+            # operation: the very cost it exists to remove, so the default
+            # goes back to cuDNN's batch norm
             works = fused_block.compile_error is None
             fused = "twice" if h.is_cuda and works else False
         return twice if fused == "twice" else fused
