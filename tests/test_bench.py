@@ -215,6 +215,13 @@ def test_readme_lever_figures_match_their_records():
     ]
     assert "{:,.0f} MiB (mlbook) against {:,.0f} MiB".format(*mib[:2]) in text
     assert "20-way: {:,.0f} against {:,.0f} MiB".format(*mib[2:]) in text
+    before = {
+        r["workload"]: r["ms_per_step"]
+        for r in bench.load_record("bench-h200")["rows"]
+        if r["variant"] == "per-task loop"
+    }
+    loop = [before[w] for w in loads]
+    assert "(per-task loop {:.1f}, {:.1f}, {:.1f} and {:.1f} ms)".format(*loop) in text
     for w in loads:  # the bound: no more memory than the vmap step
         assert now[w, "mlbook + graph"]["peak_mib"] < now[w, "vmap + graph"]["peak_mib"]
     alone = {
