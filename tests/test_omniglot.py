@@ -143,6 +143,18 @@ def test_episodes_reproducible_from_a_generator(data):
     assert not torch.equal(a.x_support, c.x_support)
 
 
+def test_classes_are_the_first_columns_of_a_random_permutation(data):
+    # sample picks each task's classes by topk of uniform noise: the episodes
+    # earlier versions drew by argsort, from the same seed (no ties here)
+    tasks = fs.omniglot("train", 5, data=data)
+    for seed in range(5):
+        got = tasks.sample(32, 1, 1, generator=torch.Generator().manual_seed(seed))
+        noise = torch.rand(32, tasks.num_classes,
+                           generator=torch.Generator().manual_seed(seed))
+        assert noise.sort(1).values[:, :6].diff(1).ne(0).all()  # no ties
+        assert torch.equal(got.info["classes"], noise.argsort(1)[:, :5])
+
+
 def test_sample_rejects_too_many_shots(data):
     with pytest.raises(ValueError, match="only 20"):
         fs.omniglot("test", 5, data=data).sample(1, 10, 11)
