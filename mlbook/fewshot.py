@@ -118,8 +118,10 @@ class FewShot:
         # columns of random permutations (argsort of uniform noise). For the
         # classes, the N smallest of the noise by topk: the same indices in the
         # same order as argsort's first N (ties aside, where either order is
-        # arbitrary), without sorting Omniglot's 4,800 classes per task, which
-        # took most of the time a graphed GPU step waits for its episodes.
+        # arbitrary), without sorting Omniglot's 4,800 classes per task: 32
+        # 5-way tasks took 13.4 ms to sample on our CPU with argsort, 2.7 ms
+        # with topk, while a graphed 5-way MAML step takes 5.7 ms on an H200
+        # and the training loop samples the next episodes during it.
         noise = torch.rand(num_tasks, self.num_classes, generator=generator)
         classes = noise.topk(n, 1, largest=False).indices  # [T, N]
         draws = torch.rand(num_tasks, n, self.per_class,
