@@ -357,6 +357,7 @@ def _learner(
     fused_block=None,
     one_channel_matmul=None,
     task_by_task=None,
+    one_pass_stats=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -384,6 +385,7 @@ def _learner(
     out._batched_double = batched_double
     out._task_by_task = task_by_task
     out._fused_block, out._one_channel_matmul = fused_block, one_channel_matmul
+    out._one_pass_stats = one_pass_stats
     out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
 
@@ -412,6 +414,11 @@ def variants(w, device, experiments=False) -> dict:
             # the fused block in the query pass too (and in first-order ones)
             "fused every pass + graph": (
                 lambda m: _learner(w, m, fused_block=True),
+                True,
+            ),
+            # the default step, the block's statistics in one read of h
+            "one-pass stats + graph": (
+                lambda m: _learner(w, m, one_pass_stats=True),
                 True,
             ),
             "NHWC + graph": (lambda m: _learner(w, m, channels_last=True), True),

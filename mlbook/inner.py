@@ -277,6 +277,7 @@ class InnerLoop:
         # on any device).
         self._fused_block = None
         self._one_channel_matmul = None
+        self._one_pass_stats = False  # the block's statistics by var_mean
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
         # autograd's double backward of F.conv2d (False). None: the first on
@@ -535,7 +536,10 @@ class InnerLoop:
                 h = self._conv(h, w, b, layer, t, twice)
             elif kind == "norm" and self._fuses(h, twice) and _fusable(plan, i - 1):
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]
-                h = bn_relu_pool(h, g.reshape(-1), b.reshape(-1), layer.eps)
+                h = bn_relu_pool(
+                    h, g.reshape(-1), b.reshape(-1), layer.eps,
+                    one_pass=self._one_pass_stats,
+                )
                 i += 2  # the ReLU and the max-pool are in it
             elif kind == "norm" and self._plain_norm:
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]

@@ -86,7 +86,7 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   # the first run compiles mlbook.fused_block (torch.compile) for each shape;
   # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
-    --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
+    --only "mlbook + graph,mlbook unfused + graph,one-pass stats + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
   echo "bench exit $?"
   say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"

@@ -59,11 +59,15 @@ def test_eager_formulas_match_finite_differences(shape):
     assert torch.autograd.gradgradcheck(block, (h, gamma, beta))
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_second_derivatives_equal_autograds(device, compiled):
+def test_second_derivatives_equal_autograds(device, compiled, one_pass):
     h, gamma, beta = _inputs(device, SIZES[1])
     got = _derivatives(
-        lambda h, g, b: bn_relu_pool(h, g, b, compiled=compiled), h, gamma, beta
+        lambda h, g, b: bn_relu_pool(h, g, b, compiled=compiled, one_pass=one_pass),
+        h,
+        gamma,
+        beta,
     )
     if compiled and fused_block.compile_error is not None:
         pytest.skip(f"torch.compile fails here: {fused_block.compile_error}")
@@ -182,7 +186,7 @@ def test_by_default_only_cuda_passes_differentiated_twice_are_fused(monkeypatch)
 
     calls = []
 
-    def spy(h, gamma, beta, eps=1e-5, compiled=True):
+    def spy(h, gamma, beta, eps=1e-5, compiled=True, one_pass=False):
         calls.append(tuple(h.shape))
         return _reference(h, gamma, beta, eps)
 
