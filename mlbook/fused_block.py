@@ -7,14 +7,13 @@ mlbook bench --experiments`` times it alone). The H200 profile of a 5-way
 Conv4 step (``mlbook/records/bench-h200-profile-grouped-conv.json``), before
 it, spent most of its kernel time outside the convolutions: autograd's double
 backward of batch norm alone runs about 100 small element-wise and reduction
-operations per layer
-(40 multiplications and 33 sums among them, counted with torch.profiler on
-the CPU, torch 2.13), then come ReLU's and max-pool's backward and their
-derivatives. Each reads and writes whole activations. Here the three layers
-are one ``autograd.Function`` whose forward and backward are each one
-function compiled by ``torch.compile``; autograd differentiates the backward
-(second order) through the compiled function's own backward, so the double
-backward is fused code too.
+operations per layer (40 multiplications and 33 sums among them, counted with
+torch.profiler on the CPU, torch 2.13), then come ReLU's and max-pool's
+backward and their derivatives. Each reads and writes whole activations.
+Here the three layers are one ``autograd.Function`` whose forward and backward
+are each one function compiled by ``torch.compile``; autograd differentiates
+the backward (second order) through the compiled function's own backward, so
+the double backward is fused code too.
 
 Per channel, over the ``m = N * H * W`` values of the batch::
 

@@ -162,6 +162,11 @@ def _fusable(plan, i):
     )
 
 
+def _by_device(switch, h) -> bool:
+    """A speed switch of ``InnerLoop``: True/False as set, None = on CUDA."""
+    return h.is_cuda if switch is None else switch
+
+
 def _task(params: dict, i: int) -> dict:
     """Task i's slice ``[1, ...]`` of per-task weights ``{name: [T, ...]}``."""
     return {k: p[i : i + 1] for k, p in params.items()}
@@ -587,15 +592,13 @@ class InnerLoop:
 
     def _conv(self, h, w, b, layer, t, twice=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
-        matmul = self._one_channel_matmul
-        matmul = h.is_cuda if matmul is None else matmul
+        matmul = _by_device(self._one_channel_matmul, h)
         if self.conv_impl == "grouped" and matmul and w.shape[2] == 1:
             return self._one_channel_conv(h, w, b, layer, t)
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
-            own = self._batched_double
-            own = h.is_cuda if own is None else own
+            own = _by_device(self._batched_double, h)
             conv = grouped_conv2d if twice and own else F.conv2d
             return conv(
                 h, w.reshape(-1, *w.shape[2:]),
