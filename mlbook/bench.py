@@ -358,6 +358,7 @@ def _learner(
     one_channel_matmul=None,
     task_by_task=None,
     one_pass_stats=False,
+    compiled_passes=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -386,6 +387,7 @@ def _learner(
     out._task_by_task = task_by_task
     out._fused_block, out._one_channel_matmul = fused_block, one_channel_matmul
     out._one_pass_stats = one_pass_stats
+    out._compiled_passes = compiled_passes
     out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
 
@@ -419,6 +421,16 @@ def variants(w, device, experiments=False) -> dict:
             # the default step, the block's statistics in one read of h
             "one-pass stats + graph": (
                 lambda m: _learner(w, m, one_pass_stats=True),
+                True,
+            ),
+            # the default step, its passes differentiated once (the query
+            # pass of MAML, all of first-order MAML's and Reptile's) compiled
+            "compiled 1st-order passes + graph": (
+                lambda m: _learner(w, m, compiled_passes=True),
+                True,
+            ),
+            "mlbook fused Adam + graph": (
+                lambda m: _learner(w, m, fused_adam=True),
                 True,
             ),
             "NHWC + graph": (lambda m: _learner(w, m, channels_last=True), True),
@@ -650,7 +662,7 @@ def profile(w, device, steps=3, levers=False) -> str:
     try:
         table = events.table(sort_by="device_time_total", row_limit=14)
         # and the operators/kernels that themselves take the time
-        table += "\n" + events.table(sort_by="self_device_time_total", row_limit=25)
+        table += "\n" + events.table(sort_by="self_device_time_total", row_limit=40)
     except Exception:  # noqa: BLE001 - older names
         table = events.table(sort_by="cuda_time_total", row_limit=14)
     return (
@@ -863,7 +875,9 @@ def main(argv=None):
         action="store_true",
         help="CUDA: time levers on the graphed step instead (channels-"
         "last, plain-op batch norm, bfloat16 autocast, fused Adam, "
-        "mlbook.fused_block, the first convolution as a matmul)",
+        "mlbook.fused_block, the first convolution as a matmul, the "
+        "block's statistics in one read, passes differentiated once "
+        "through torch.compile)",
     )
     p.add_argument(
         "--cudnn-benchmark",

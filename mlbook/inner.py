@@ -283,6 +283,12 @@ class InnerLoop:
         self._fused_block = None
         self._one_channel_matmul = None
         self._one_pass_stats = False  # the block's statistics by var_mean
+        # Conv4's passes differentiated once (MAML's query set, first-order
+        # MAML, Reptile) through torch.compile, forward and backward each
+        # one graph: whether that beats cuDNN's batch norm and ATen's ReLU
+        # and max-pool there, where the fused block alone did not
+        self._compiled_passes = False
+        self._compiled_losses = None  # its torch.compile, made on first use
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
         # autograd's double backward of F.conv2d (False). None: the first on
@@ -650,6 +656,17 @@ class InnerLoop:
 
     def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):
         """Loss of each task ``[T]`` (a scalar for one task)."""
+        if self._compiled_passes and not twice and self._conv_plan is not None:
+            # (an experiment: see __init__) its backward is compiled code
+            # that autograd cannot differentiate again, hence not ``twice``
+            if self._compiled_losses is None:
+                self._compiled_losses = torch.compile(self._pass_losses, dynamic=False)
+            args = params, buffers, x, y, batched, params_batched
+            return self._compiled_losses(*args)
+        return self._pass_losses(params, buffers, x, y, batched, params_batched, twice)
+
+    def _pass_losses(self, params, buffers, x, y, batched, params_batched, twice=False):
+        """``_losses`` as plain PyTorch operations."""
         pred = self._forward(params, buffers, x, batched, params_batched, twice)
         if self.loss_fn is F.mse_loss and pred.shape != y.shape:
             # mse_loss would broadcast [T, K, 1] against [T, K] into nonsense

@@ -11,12 +11,15 @@
 #
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
-# "tests bench cells"; "speed" adds the levers of `bench --experiments`
-# (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
-# alone, all three, with grouped or bmm convolutions, then with TF32 matmuls;
-# the block and the matmul are CUDA's defaults, "mlbook unfused" is the step
-# without them) in the
-# graphed step and profiles of one step; "cudnn" a cudnn.benchmark run;
+# "tests bench cells"; "speed" times levers of `bench --experiments` in the
+# graphed step of the four Conv4 workloads: those not timed yet (the fused
+# block's statistics in one read, passes differentiated once through
+# torch.compile, fused Adam, each on CUDA's default step), then profiles
+# one step; ALL_LEVERS=1 adds the levers timed before (fused Adam,
+# mlbook.fused_block, the first convolution as a matmul, each alone, all
+# three, with grouped or bmm convolutions, then with TF32 matmuls; the block
+# and the matmul are CUDA's defaults, "mlbook unfused" the step without
+# them); "cudnn" a cudnn.benchmark run;
 # TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
 # compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
 # test files). CELLS="method shot minutes,..."
@@ -85,12 +88,18 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
   # the first run compiles mlbook.fused_block (torch.compile) for each shape;
   # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
+  # first the levers not timed yet, on CUDA's default step
+  timeout 330 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo,conv4-reptile \
+    --experiments --only "mlbook + graph,one-pass stats + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
+  echo "bench exit $?"
+  [ -n "${ALL_LEVERS:-}" ] && \
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
-    --only "mlbook + graph,mlbook unfused + graph,one-pass stats + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
+    --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
   echo "bench exit $?"
   say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
-  timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
+  [ -n "${ALL_LEVERS:-}" ] && timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
     --only "mlbook + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers_tf32.json"
   echo "bench exit $?"

@@ -100,16 +100,18 @@ def conv4_forward(params, x, num_blocks=4):
 @pytest.mark.parametrize(
     "impl",
     [
-        "grouped", "grouped-batched", "grouped-levers", "grouped-twice", "bmm",
-        "by-task", "vmap",
+        "grouped", "grouped-batched", "grouped-levers", "grouped-twice",
+        "grouped-compiled", "bmm", "by-task", "vmap",
     ],
 )
-def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
+def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, request):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
     # convolution, with either second derivative, or unfold + bmm, and one
     # batch norm), or takes the tasks one at a time (the CPU's default);
     # any other model runs under vmap. Each is checked, double backward
     # included, against a per-task loop of ordinary autograd.
+    if impl == "grouped-compiled":
+        request.getfixturevalue("needs_compile")
     gen = torch.Generator().manual_seed(3)
     n_way, k, q, tasks, alpha, steps = 5, 1, 2, 3, 0.4, 2
     net = ml.models.Conv4(1, n_way, hidden=8).double().to(device)
@@ -135,9 +137,12 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl):
         # mlbook.fused_block (compiled) in every pass, or only in the passes
         # differentiated twice (CUDA's default), and the first layer as a
         # batched matmul (CUDA's default too)
-        levers = impl in ("grouped-levers", "grouped-twice")
-        maml._fused_block = "twice" if impl == "grouped-twice" else levers
+        levers = impl in ("grouped-levers", "grouped-twice", "grouped-compiled")
+        twice = impl in ("grouped-twice", "grouped-compiled")
+        maml._fused_block = "twice" if twice else levers
         maml._one_channel_matmul = levers
+        # and the query pass through torch.compile (an experiment)
+        maml._compiled_passes = impl == "grouped-compiled"
         maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
