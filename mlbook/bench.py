@@ -328,6 +328,7 @@ PLAIN_DOUBLE = "mlbook autograd-2nd"
 UNFUSED = "mlbook unfused"
 OFF = dict(fused_block=False, one_channel_matmul=False)
 ALL_AT_ONCE = "mlbook tasks at once"
+NCHW = "mlbook NCHW"
 # the "levers combined" experiment: _learner's options, all on
 LEVERS = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
 
@@ -348,14 +349,14 @@ def _learner(
     w,
     model,
     conv_impl="grouped",
-    channels_last=False,
+    channels_last=None,
     plain_norm=False,
     bf16=False,
     compile=False,
     batched_double=None,
     fused_adam=False,
     fused_block=None,
-    one_channel_matmul=None,
+    one_channel_matmul=True,
     task_by_task=None,
     one_pass_stats=False,
     compiled_passes=False,
@@ -471,6 +472,13 @@ def variants(w, device, experiments=False) -> dict:
     double = conv and w["method"] == "maml" and device.type == "cuda"
     if double:
         out[PLAIN_DOUBLE] = (lambda m: _learner(w, m, batched_double=False), False)
+    if conv and device.type == "cpu":
+        # The CPU's Conv4 step before channels-last activations in the passes
+        # differentiated once and the first layer as a matmul: their baseline
+        out[NCHW] = (
+            lambda m: _learner(w, m, channels_last=False, one_channel_matmul=False),
+            False,
+        )
     if conv and device.type == "cpu" and w["method"] == "reptile":
         # On the CPU Conv4 takes a batch one task at a time (MAML's step splits
         # the meta-batch so anyway); Reptile's step all tasks at once, as on
@@ -708,7 +716,9 @@ def count_ops(w, device, levers=False) -> dict:
     on = LEVERS if levers else OFF  # (fused Adam among them: no optimizer here)
     # all tasks in one pass, as on CUDA (the CPU's default is one at a time)
     model = w["make"]().to(device)
-    learner = _learner(w, model, batched_double=True, task_by_task=False, **on)
+    learner = _learner(
+        w, model, batched_double=True, task_by_task=False, channels_last=False, **on
+    )
 
     def run():
         learner.meta_loss(w["batch"]).backward()

@@ -264,24 +264,37 @@ class InnerLoop:
         if conv_impl not in ("grouped", "bmm"):
             raise ValueError(f"conv_impl must be 'grouped' or 'bmm', got {conv_impl!r}")
         self.conv_impl = conv_impl  # how Conv4's convolutions are batched
-        # Speed experiments (python -m mlbook bench --experiments), not API:
-        # channels-last activations, batch norm written with plain ops.
-        self._channels_last = False
+        # Speed experiment (python -m mlbook bench --experiments), not API:
+        # batch norm written with plain ops.
         self._plain_norm = False
-        # Batch norm -> ReLU -> max-pool compiled as one (mlbook.fused_block),
-        # and first-layer filters on one input channel as one batched matmul.
-        # None: by device. On CUDA the matmul always, the fused block in the
-        # passes differentiated twice (MAML's support set), where it replaces
-        # batch norm's double backward: with both, the H200's graphed 5-way
-        # MAML step went from 8.74 to 5.69 ms, 20-way from 40.0 to 21.8 ms
-        # (records/bench-h200-defaults.json). Fused in every pass the 5-way
-        # step took 6.20 ms, and a first-order step was slower with the block
-        # than without (5.85 against 4.89 ms; bench-h200-levers-timed.json).
-        # On the CPU neither (one task per pass there: a plain convolution).
-        # True/False force them; the block also takes "twice" (the CUDA rule
-        # on any device).
+        # Conv4's activations channels-last (NHWC) in the passes
+        # differentiated once ("once": MAML's query set, every pass of
+        # first-order MAML and Reptile), in every pass (True) or in none
+        # (False). None: "once" on the CPU, none on CUDA. On the CPU oneDNN's
+        # convolutions and ATen's batch norm and max-pool run faster in NHWC
+        # (max-pool of a 5-way query set's first layer: 0.8 against 10 ms),
+        # batch norm's double backward slower (its sums). With the first
+        # layer below, records/bench-cpu-conv4.json times the CPU's steps
+        # against their NCHW form ("mlbook NCHW"). On the H200, NHWC in
+        # every pass made the graphed 5-way step slower (15.9 against 12.8
+        # ms, records/bench-h200-levers.json).
+        self._channels_last = None
+        # First-layer filters on one input channel as one batched matmul
+        # (True) or a convolution (False). On CUDA, F.conv2d takes a slow
+        # depthwise kernel there (~1 ms of the H200's 5-way step); on the
+        # CPU the matmul is the faster too, and in NHWC it writes the
+        # channels-last output directly (see _one_channel_conv).
+        self._one_channel_matmul = True
+        # Batch norm -> ReLU -> max-pool compiled as one (mlbook.fused_block).
+        # None: on CUDA in the passes differentiated twice (MAML's support
+        # set), where it replaces batch norm's double backward: with the
+        # matmul, the H200's graphed 5-way MAML step went from 8.74 to 5.69
+        # ms, 20-way from 40.0 to 21.8 ms (records/bench-h200-defaults.json).
+        # Fused in every pass the 5-way step took 6.20 ms, and a first-order
+        # step was slower with the block than without (5.85 against 4.89 ms;
+        # bench-h200-levers-timed.json). Never on the CPU (one task per pass
+        # there). True/False force it; "twice" is the CUDA rule on any device.
         self._fused_block = None
-        self._one_channel_matmul = None
         self._one_pass_stats = False  # the block's statistics by var_mean
         # Conv4's passes differentiated once (MAML's query set, first-order
         # MAML, Reptile) through torch.compile, forward and backward each
@@ -536,7 +549,8 @@ class InnerLoop:
         """
         t, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
-        if self._channels_last:
+        nhwc = self._nhwc(h, twice)
+        if nhwc:
             h = h.contiguous(memory_format=torch.channels_last)
         plan, i = self._conv_plan, 0
         while i < len(plan):
@@ -544,7 +558,12 @@ class InnerLoop:
             i += 1
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-                h = self._conv(h, w, b, layer, t, twice)
+                h = self._conv(h, w, b, layer, t, twice, nhwc)
+                if nhwc:
+                    # a no-op after a convolution of channels-last input; but
+                    # an input of one channel is both layouts, and the
+                    # convolution then answers in NCHW
+                    h = h.contiguous(memory_format=torch.channels_last)
             elif kind == "norm" and self._fuses(h, twice) and _fusable(plan, i - 1):
                 g, b = params[f"{name}.weight"], params[f"{name}.bias"]
                 h = bn_relu_pool(
@@ -584,6 +603,14 @@ class InnerLoop:
                 )
         return h  # [T, N, classes]
 
+    def _nhwc(self, h, twice) -> bool:
+        """Whether this pass keeps Conv4's activations channels-last (see
+        ``__init__``)."""
+        nhwc = self._channels_last
+        if nhwc is None:
+            nhwc = "once" if h.device.type == "cpu" else False
+        return not twice if nhwc == "once" else nhwc
+
     def _fuses(self, h, twice) -> bool:
         """Whether this pass takes mlbook.fused_block (see ``__init__``)."""
         fused = self._fused_block
@@ -596,11 +623,10 @@ class InnerLoop:
             fused = "twice" if h.is_cuda and works else False
         return twice if fused == "twice" else fused
 
-    def _conv(self, h, w, b, layer, t, twice=False):
+    def _conv(self, h, w, b, layer, t, twice=False, channels_last=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
-        matmul = _by_device(self._one_channel_matmul, h)
-        if self.conv_impl == "grouped" and matmul and w.shape[2] == 1:
-            return self._one_channel_conv(h, w, b, layer, t)
+        if self.conv_impl == "grouped" and self._one_channel_matmul and w.shape[2] == 1:
+            return self._one_channel_conv(h, w, b, layer, t, channels_last)
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
@@ -626,7 +652,7 @@ class InnerLoop:
         out = out.reshape(t, -1, n, length).permute(2, 0, 1, 3)  # [N, T, C_out, L]
         return out.reshape(n, -1, *out_size)
 
-    def _one_channel_conv(self, h, w, b, layer, t):
+    def _one_channel_conv(self, h, w, b, layer, t, channels_last=False):
         """Filters on one input channel per task (Conv4's first layer), as a
         matmul. On CUDA, ``F.conv2d`` sends a grouped convolution with one
         input channel per group to its own depthwise kernel (not cuDNN),
@@ -643,6 +669,13 @@ class InnerLoop:
         so the layer's largest tensor is not read and written again to add
         it, nor summed again for its gradient (the product does both, on
         the patches, a seventh of its size).
+
+        ``channels_last`` (one task): the product the other way round,
+        ``patches^T [N, L, k*k] @ w^T [k*k, C_out]``, is the output in NHWC
+        memory already, where a convolution of a one-channel input would
+        answer in NCHW and need a copy. Both factors are made contiguous:
+        the gradient of a transposed right factor comes out as a product
+        that took ~4 ms on the CPU where its transpose takes 0.7 ms.
         """
         n = h.shape[0]
         cols, out_size = _patches(h, layer)  # [N, T*k*k, L]
@@ -651,6 +684,10 @@ class InnerLoop:
         if b is not None:
             cols = torch.cat([cols, cols.new_ones(n, t, 1, cols.shape[-1])], 2)
             w = torch.cat([w, b.unsqueeze(-1)], 2)
+        if channels_last and t == 1:
+            cols = cols[:, 0].transpose(1, 2).contiguous()  # [N, L, k*k]
+            out = torch.matmul(cols, w[0].t().contiguous())  # [N, L, C_out]
+            return out.view(n, *out_size, -1).permute(0, 3, 1, 2)
         out = torch.matmul(w, cols)  # [N, T, C_out, L]
         return out.reshape(n, -1, *out_size)
 

@@ -340,6 +340,46 @@ def test_conv4_task_by_task_equals_all_tasks_at_once(device):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_cpu_passes_differentiated_once_run_channels_last(monkeypatch):
+    # The CPU's Conv4 keeps its activations NHWC in the passes
+    # differentiated once (MAML's query set, all of first-order MAML's),
+    # NCHW in those differentiated twice (MAML's support set), and CUDA
+    # in neither. A spy on the batch norm records each pass's layout.
+    from mlbook import inner
+
+    layouts, batch_norm = [], F.batch_norm
+
+    def spy(h, *args, **kwargs):
+        layouts.append(h.is_contiguous(memory_format=torch.channels_last))
+        return batch_norm(h, *args, **kwargs)
+
+    monkeypatch.setattr(inner.F, "batch_norm", spy)
+    net = ml.models.Conv4(1, 5, hidden=4)
+    batch = ml.TaskBatch(
+        torch.randn(2, 5, 1, 28, 28),
+        torch.arange(5).expand(2, -1),
+        torch.randn(2, 10, 1, 28, 28),
+        torch.arange(5).repeat(2).expand(2, -1),
+    )
+    for first_order, nhwc in [(False, [False, True]), (True, [True, True])]:
+        maml = ml.MAML(net, F.cross_entropy, 0.4, first_order=first_order)
+        layouts.clear()
+        maml.meta_loss(batch)
+        # two tasks, one at a time, support sets first; four norms a pass
+        assert layouts == 8 * [nhwc[0]] + 8 * [nhwc[1]]
+        maml._channels_last = False
+        layouts.clear()
+        maml.meta_loss(batch)
+        assert not any(layouts)
+    maml._channels_last = None  # the default
+    x = torch.empty(3, 8, 4, 4)
+    assert maml._nhwc(x, False) and not maml._nhwc(x, True)
+    meta = x.to("meta")  # stands in for CUDA: NHWC only where asked
+    assert not maml._nhwc(meta, False)
+    maml._channels_last = True
+    assert maml._nhwc(meta, False) and maml._nhwc(meta, True)
+
+
 def test_tasks_per_pass_default_and_checks():
     conv = ml.MAML(ml.models.Conv4(1, 5, hidden=8), F.cross_entropy, 0.4)
     mlp = ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, 0.1, inner_steps=2)
