@@ -416,18 +416,28 @@ def test_readme_compiled_conv4_figures_match_their_record():
 def test_readme_cpu_conv4_figures_match_their_record():
     record = bench.load_record("bench-cpu-conv4")
     ms = {(r["workload"], r["variant"]): r["ms_per_step"] for r in record["rows"]}
+    rel = {
+        (r["workload"], r["variant"]): r["rel_err_vs_float64"] for r in record["rows"]
+    }
     readme = " ".join((ROOT / "README.md").read_text().split())
 
-    def said(workload):  # mlbook, the loop, vmap
-        variants = ("mlbook", "per-task loop", "torch.func vmap")
+    def said(workload):  # mlbook, the loop, vmap, the NCHW step
+        variants = ("mlbook", "per-task loop", "torch.func vmap", bench.NCHW)
         return ", ".join(f"{ms[workload, v]:.0f}" for v in variants)
 
     assert f"MAML on 8 tasks {said('conv4')}; first-order" in readme
     assert f"first-order MAML {said('conv4-fo')}; Reptile" in readme
     at_once = ms["conv4-reptile", bench.ALL_AT_ONCE]
     assert f"tasks, {said('conv4-reptile')}, and {at_once:.0f} with all" in readme
-    # "on par with the per-task loop and ahead of vmap", one task at a time
-    for w in ("conv4", "conv4-fo", "conv4-reptile"):
-        assert 0.85 < ms[w, "mlbook"] / ms[w, "per-task loop"] < 1.15, w
+    workloads = ("conv4", "conv4-fo", "conv4-reptile")
+    speedups = [ms[w, "per-task loop"] / ms[w, "mlbook"] for w in workloads]
+    said_speedups = "is {:.2f}, {:.2f} and {:.2f} times".format(*speedups)
+    assert said_speedups in readme
+    for w in workloads:  # faster than the loop, its NCHW form and vmap
+        assert ms[w, "per-task loop"] > 1.1 * ms[w, "mlbook"], w
+        assert ms[w, bench.NCHW] > 1.1 * ms[w, "mlbook"], w
         assert ms[w, "torch.func vmap"] > 1.2 * ms[w, "mlbook"], w
     assert at_once > 1.2 * ms["conv4-reptile", "mlbook"]
+    errors = [f"{rel['conv4-reptile', v]:.1e}" for v in ("mlbook", bench.NCHW)]
+    errors = [e.replace("e-0", "e-") for e in errors]  # 1.0e-01 as 1.0e-1
+    assert "({} against {} NCHW;".format(*errors) in readme

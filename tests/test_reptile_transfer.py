@@ -18,7 +18,7 @@ def double_batch(num_tasks, k, q, seed, device):
     ).to(device)
 
 
-def reptile_by_hand(net, batch, inner_lr, inner_steps, outer_lr):
+def reptile_by_hand(net, batch, inner_lr, inner_steps, outer_lr, loss=F.mse_loss):
     """theta + outer_lr * (mean_T phi_T - theta), phi_T from plain SGD per task."""
     phis = []
     for t in range(batch.num_tasks):
@@ -26,7 +26,7 @@ def reptile_by_hand(net, batch, inner_lr, inner_steps, outer_lr):
         opt = torch.optim.SGD(clone.parameters(), lr=inner_lr)
         for _ in range(inner_steps):
             opt.zero_grad()
-            F.mse_loss(clone(batch.x_support[t]), batch.y_support[t]).backward()
+            loss(clone(batch.x_support[t]), batch.y_support[t]).backward()
             opt.step()
         phis.append([p.detach() for p in clone.parameters()])
     return [
@@ -67,6 +67,25 @@ def test_reptile_meta_step_equals_per_task_loop(device, inner_steps, reptile_cls
     reptile.meta_step(batch)
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+
+
+def test_reptile_conv4_step_equals_per_task_loop(device):
+    # Conv4 takes mlbook's own batched forward (on the CPU one task at a
+    # time, channels-last, the first layer as a matmul); the module itself,
+    # copied per task and trained by plain SGD, is the reference
+    gen = torch.Generator().manual_seed(4)
+    n_way, tasks = 3, 2
+    net = ml.models.Conv4(1, n_way, hidden=4).double().to(device)
+    x = torch.randn(tasks, 2 * n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.arange(n_way).repeat(2).expand(tasks, -1)
+    batch = ml.TaskBatch(x, y, x[:, :0], y[:, :0]).to(device)
+    expected = reptile_by_hand(net, batch, 0.1, 3, 0.5, F.cross_entropy)
+    reptile = ml.Reptile(
+        net, F.cross_entropy, inner_lr=0.1, inner_steps=3, outer_lr=0.5
+    )
+    reptile.meta_step(batch)
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
 
 
 def test_reptile_with_an_optimizer_uses_theta_minus_phi_as_gradient(
