@@ -962,30 +962,9 @@ def main(argv=None):
     unknown = sorted(set(only or ()) - known)
     if unknown:  # a typo would otherwise time nothing
         p.error(f"no variant named {unknown}; these workloads have {sorted(known)}")
-    rows = []
-    for w in loads:
-        name = w["name"]
-        rows += run_workload(
-            w, device, args.rounds, args.round_seconds, skip, args.experiments, only
-        )
-        print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
-        for levers in [False, True] if args.experiments else [False]:
-            if args.profile:
-                try:
-                    print(profile(w, device, levers=levers), flush=True)
-                except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
-                    print(f"profile of {name} failed: {type(e).__name__}: {e}")
-    dev = torch.cuda.get_device_name(device) if cuda else _machine()
-    print(
-        f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}; TF32 matmul "
-        f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
-        f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}; cudnn.benchmark "
-        f"{args.cudnn_benchmark}"
-    )
-    print(format_rows(rows))
     import sys
 
+    dev = torch.cuda.get_device_name(device) if cuda else _machine()
     record = dict(
         command="python -m mlbook bench "
         + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -997,9 +976,42 @@ def main(argv=None):
         cudnn_benchmark=args.cudnn_benchmark,
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         tf32_conv=torch.backends.cudnn.allow_tf32 if cuda else None,
-        rows=rows,
+        rows=[],
     )
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    if args.profile:
+        record["profiles"] = []
+
+    def write():
+        # after every workload: a run stopped by a time limit keeps the rows
+        # (and profiles) of the workloads it finished
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+    rows = record["rows"]
+    for w in loads:
+        name = w["name"]
+        rows += run_workload(
+            w, device, args.rounds, args.round_seconds, skip, args.experiments, only
+        )
+        print(format_rows([r for r in rows if r["workload"] == name]), flush=True)
+        write()
+        for levers in [False, True] if args.experiments else [False]:
+            if args.profile:
+                try:
+                    text = profile(w, device, levers=levers)
+                except Exception as e:  # noqa: BLE001 - a missing profiler is no failure
+                    text = f"profile of {name} failed: {type(e).__name__}: {e}"
+                print(text, flush=True)
+                record["profiles"].append(dict(workload=name, levers=levers, text=text))
+                write()
+    print(
+        f"\ndevice: {device} ({dev}); torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; TF32 matmul "
+        f"{torch.backends.cuda.matmul.allow_tf32}, TF32 conv "
+        f"{torch.backends.cudnn.allow_tf32 if cuda else 'n/a'}; cudnn.benchmark "
+        f"{args.cudnn_benchmark}"
+    )
+    print(format_rows(rows))
+    write()
     print(f"(written to {args.out})")
     return 0
 

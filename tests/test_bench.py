@@ -48,6 +48,28 @@ def test_bench_runs_on_the_cpu_and_every_variant_matches_float64(tmp_path):
         assert r["ms_per_step"] > 0
 
 
+def test_a_run_cut_short_keeps_the_workloads_it_finished(tmp_path, monkeypatch):
+    # A GPU run under a time limit may be killed mid-way: the JSON is
+    # rewritten after every workload, so what finished is kept
+    out, timed = tmp_path / "bench.json", []
+    real = bench.run_workload
+
+    def run_workload(w, *args):
+        if timed:  # the second workload: as if the limit struck here
+            raise KeyboardInterrupt
+        timed.append(w["name"])
+        return real(w, *args)
+
+    monkeypatch.setattr(bench, "run_workload", run_workload)
+    args = ["--device", "cpu", "--workloads", "sinusoid-fo,sinusoid"]
+    args += ["--rounds", "1", "--round-seconds", "0.02", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    record = json.loads(out.read_text())
+    assert {r["workload"] for r in record["rows"]} == {"sinusoid-fo"}
+    assert record["command"] == "python -m mlbook bench " + " ".join(args)
+
+
 def test_bench_refuses_unknown_workloads_and_gpu_only_options():
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--workloads", "imagenet"])
