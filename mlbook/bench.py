@@ -410,112 +410,89 @@ class _Autocast:
 def variants(w, device, experiments=False) -> dict:
     """label -> (make_stepper(model), graphed?). A stepper has ``step(batch, opt)``."""
     conv = w["name"].startswith("conv4")
+
+    def learner(*args, graphed=False, **options):  # mlbook's step, these options
+        return (lambda m: _learner(w, m, *args, **options), graphed)
+
+    def baseline(step, graphed=False):  # a step written in this module
+        return (lambda m: _Baseline(step, w, m), graphed)
+
     if experiments:  # levers tried on the graphed mlbook step (CUDA only)
         return {
-            "mlbook + graph": (lambda m: _learner(w, m), True),
-            UNFUSED + " + graph": (lambda m: _learner(w, m, **OFF), True),
+            "mlbook + graph": learner(graphed=True),
+            UNFUSED + " + graph": learner(graphed=True, **OFF),
             # the fused block in the query pass too (and in first-order ones)
-            "fused every pass + graph": (
-                lambda m: _learner(w, m, fused_block=True),
-                True,
-            ),
+            "fused every pass + graph": learner(graphed=True, fused_block=True),
             # the default step, the block's statistics in one read of h
-            "one-pass stats + graph": (
-                lambda m: _learner(w, m, one_pass_stats=True),
-                True,
-            ),
+            "one-pass stats + graph": learner(graphed=True, one_pass_stats=True),
             # the default step, its passes differentiated once (the query
             # pass of MAML, all of first-order MAML's and Reptile's) compiled
-            "compiled 1st-order passes + graph": (
-                lambda m: _learner(w, m, compiled_passes=True),
-                True,
+            "compiled 1st-order passes + graph": learner(
+                graphed=True, compiled_passes=True
             ),
-            "mlbook fused Adam + graph": (
-                lambda m: _learner(w, m, fused_adam=True),
-                True,
-            ),
-            "NHWC + graph": (lambda m: _learner(w, m, channels_last=True), True),
-            "plain BN + graph": (lambda m: _learner(w, m, plain_norm=True), True),
-            "bf16 + graph": (lambda m: _learner(w, m, bf16=True), True),
-            "bf16 NHWC + graph": (
-                lambda m: _learner(w, m, channels_last=True, bf16=True),
-                True,
-            ),
-            "bmm bf16 + graph": (lambda m: _learner(w, m, "bmm", bf16=True), True),
-            "fused Adam + graph": (
-                lambda m: _learner(w, m, fused_adam=True, **OFF),
-                True,
-            ),
+            "mlbook fused Adam + graph": learner(graphed=True, fused_adam=True),
+            "NHWC + graph": learner(graphed=True, channels_last=True),
+            "plain BN + graph": learner(graphed=True, plain_norm=True),
+            "bf16 + graph": learner(graphed=True, bf16=True),
+            "bf16 NHWC + graph": learner(graphed=True, channels_last=True, bf16=True),
+            "bmm bf16 + graph": learner("bmm", graphed=True, bf16=True),
+            "fused Adam + graph": learner(graphed=True, fused_adam=True, **OFF),
             # each lever alone: mlbook.fused_block (every pass), and the first
             # layer as one batched matmul
-            "fused block + graph": (
-                lambda m: _learner(w, m, fused_block=True, one_channel_matmul=False),
-                True,
+            "fused block + graph": learner(
+                graphed=True, fused_block=True, one_channel_matmul=False
             ),
-            "conv1 matmul + graph": (
-                lambda m: _learner(w, m, fused_block=False, one_channel_matmul=True),
-                True,
+            "conv1 matmul + graph": learner(
+                graphed=True, fused_block=False, one_channel_matmul=True
             ),
-            "levers combined + graph": (lambda m: _learner(w, m, **LEVERS), True),
+            "levers combined + graph": learner(graphed=True, **LEVERS),
             # the same with every convolution as unfold + bmm: with TF32
             # matmuls (--tf32) the precision cuDNN's convolutions have here
-            "levers bmm + graph": (lambda m: _learner(w, m, "bmm", **LEVERS), True),
-            "per-task loop": (lambda m: _Baseline(loop_step, w, m), False),
+            "levers bmm + graph": learner("bmm", graphed=True, **LEVERS),
+            "per-task loop": baseline(loop_step),
         }
-    out = {"mlbook": (lambda m: _learner(w, m), False)}
+    out = {"mlbook": learner()}
     sinusoid = w["name"].startswith("sinusoid")
     if w.get("compile") and device.type == "cpu" and sinusoid:
         # only the MLP's closed-form step is compiled (mlbook.mlp_grad)
-        out["mlbook compiled"] = (lambda m: _learner(w, m, compile=True), False)
+        out["mlbook compiled"] = learner(compile=True)
     # the same step with autograd's double backward of the grouped convolution
     # (what mlbook.grouped_conv replaces): the lever's own baseline
     double = conv and w["method"] == "maml" and device.type == "cuda"
     if double:
-        out[PLAIN_DOUBLE] = (lambda m: _learner(w, m, batched_double=False), False)
+        out[PLAIN_DOUBLE] = learner(batched_double=False)
     if conv and device.type == "cpu":
         # The CPU's Conv4 step before channels-last activations in the passes
         # differentiated once and the first layer as a matmul: their baseline
-        out[NCHW] = (
-            lambda m: _learner(w, m, channels_last=False, one_channel_matmul=False),
-            False,
-        )
+        out[NCHW] = learner(channels_last=False, one_channel_matmul=False)
     if conv and device.type == "cpu" and w["method"] == "reptile":
         # On the CPU Conv4 takes a batch one task at a time (MAML's step splits
         # the meta-batch so anyway); Reptile's step all tasks at once, as on
         # CUDA, is that choice's own baseline
-        out[ALL_AT_ONCE] = (lambda m: _learner(w, m, task_by_task=False), False)
+        out[ALL_AT_ONCE] = learner(task_by_task=False)
     if conv:
-        out["mlbook bmm"] = (lambda m: _learner(w, m, "bmm"), False)
+        out["mlbook bmm"] = learner("bmm")
     if w.get("compile") and conv and w["method"] != "reptile":
-        out["compiled torch.func"] = (
-            lambda m: _Baseline(compiled_func_step, w, m),
-            False,
-        )
-    out["torch.func vmap"] = (lambda m: _Baseline(vmap_step, w, m), False)
-    out["per-task loop"] = (lambda m: _Baseline(loop_step, w, m), False)
+        out["compiled torch.func"] = baseline(compiled_func_step)
+    out["torch.func vmap"] = baseline(vmap_step)
+    out["per-task loop"] = baseline(loop_step)
     if w["method"] == "maml":
         try:
             import higher  # noqa: F401
 
-            out["higher"] = (lambda m: _Baseline(higher_step, w, m), False)
+            out["higher"] = baseline(higher_step)
         except ImportError:
             pass
     if device.type == "cuda":
-        out["mlbook + graph"] = (lambda m: _learner(w, m), True)
+        out["mlbook + graph"] = learner(graphed=True)
         if double:
-            out[PLAIN_DOUBLE + " + graph"] = (
-                lambda m: _learner(w, m, batched_double=False),
-                True,
-            )
+            out[PLAIN_DOUBLE + " + graph"] = learner(graphed=True, batched_double=False)
         if conv:
-            out[UNFUSED + " + graph"] = (lambda m: _learner(w, m, **OFF), True)
-            out["mlbook bmm + graph"] = (lambda m: _learner(w, m, "bmm"), True)
-        out["vmap + graph"] = (lambda m: _Baseline(vmap_step, w, m), True)
+            out[UNFUSED + " + graph"] = learner(graphed=True, **OFF)
+            out["mlbook bmm + graph"] = learner("bmm", graphed=True)
+        out["vmap + graph"] = baseline(vmap_step, graphed=True)
         if w.get("compile") and conv and w["method"] != "reptile":
-            out["compiled torch.func + graph"] = (
-                lambda m: _Baseline(compiled_func_step, w, m),
-                True,
-            )
+            out["compiled torch.func + graph"] = baseline(compiled_func_step, True)
     return out
 
 
