@@ -162,11 +162,6 @@ def _fusable(plan, i):
     )
 
 
-def _by_device(switch, h) -> bool:
-    """A speed switch of ``InnerLoop``: True/False as set, None = on CUDA."""
-    return h.is_cuda if switch is None else switch
-
-
 def _task(params: dict, i: int) -> dict:
     """Task i's slice ``[1, ...]`` of per-task weights ``{name: [T, ...]}``."""
     return {k: p[i : i + 1] for k, p in params.items()}
@@ -630,7 +625,8 @@ class InnerLoop:
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
-            own = _by_device(self._batched_double, h)
+            own = self._batched_double
+            own = h.is_cuda if own is None else own
             conv = grouped_conv2d if twice and own else F.conv2d
             return conv(
                 h, w.reshape(-1, *w.shape[2:]),
