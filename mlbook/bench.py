@@ -430,6 +430,11 @@ def variants(w, device, experiments=False) -> dict:
             "compiled 1st-order passes + graph": learner(
                 graphed=True, compiled_passes=True
             ),
+            # the two above together: if each alone takes a part of the 5-way
+            # step's distance to 5 ms, one GPU run times their sum too
+            "stats and compiled passes + graph": learner(
+                graphed=True, one_pass_stats=True, compiled_passes=True
+            ),
             "mlbook fused Adam + graph": learner(graphed=True, fused_adam=True),
             "NHWC + graph": learner(graphed=True, channels_last=True),
             "plain BN + graph": learner(graphed=True, plain_norm=True),

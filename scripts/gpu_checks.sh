@@ -12,10 +12,11 @@
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" times levers of `bench --experiments` in the
-# graphed step of the four Conv4 workloads: those not timed yet (the fused
+# graphed step of the Conv4 workloads: those not timed yet (the fused
 # block's statistics in one read, passes differentiated once through
-# torch.compile, fused Adam, each on CUDA's default step), then profiles
-# one step; ALL_LEVERS=1 adds the levers timed before (fused Adam,
+# torch.compile, both, fused Adam, each on CUDA's default step) in 5-way
+# and 20-way MAML, a profile of one step, then the first-order ones in
+# first-order MAML and Reptile; ALL_LEVERS=1 adds the levers timed before (fused Adam,
 # mlbook.fused_block, the first convolution as a matmul, each alone, all
 # three, with grouped or bmm convolutions, then with TF32 matmuls; the block
 # and the matmul are CUDA's defaults, "mlbook unfused" the step without
@@ -88,24 +89,32 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
   # the first run compiles mlbook.fused_block (torch.compile) for each shape;
   # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
-  # first the levers not timed yet, on CUDA's default step
-  timeout 330 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo,conv4-reptile \
-    --experiments --only "mlbook + graph,one-pass stats + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
+  # first the levers not timed yet, on CUDA's default step, in the two
+  # workloads with a target (5 and 20 ms), each alone and the two that
+  # touch batch norm together; then the profile of the default step; then
+  # the levers that apply to first-order steps, in those
+  timeout 280 $py -m mlbook bench --workloads conv4,conv4-20w \
+    --experiments --only "mlbook + graph,one-pass stats + graph,compiled 1st-order passes + graph,stats and compiled passes + graph,mlbook fused Adam + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
+  echo "bench exit $?"
+  say "profile of one eager step of CUDA's default"
+  timeout 90 $py -m mlbook bench --workloads conv4 --profile --experiments --rounds 1 \
+    --only "mlbook + graph" --round-seconds 0.05 --out "$out/bench_profile.json"
+  say "first-order steps: compiled passes, fused Adam"
+  timeout 150 $py -m mlbook bench --workloads conv4-fo,conv4-reptile \
+    --experiments --only "mlbook + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers_fo.json"
   echo "bench exit $?"
   [ -n "${ALL_LEVERS:-}" ] && \
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
     --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
   echo "bench exit $?"
-  say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
+  [ -n "${ALL_LEVERS:-}" ] && say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
   [ -n "${ALL_LEVERS:-}" ] && timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
     --only "mlbook + graph,levers combined + graph,levers bmm + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_levers_tf32.json"
   echo "bench exit $?"
-  say "profiles of one eager step: mlbook, then the levers combined"
-  timeout 120 $py -m mlbook bench --workloads conv4 --profile --experiments --rounds 1 \
-    --only "mlbook + graph" --round-seconds 0.05 --out "$out/bench_profile.json"
   if [ -n "${COMPILE:-}" ]; then
     say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
     timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \

@@ -141,8 +141,10 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, r
         twice = impl in ("grouped-twice", "grouped-compiled")
         maml._fused_block = "twice" if twice else levers
         maml._one_channel_matmul = levers
-        # and the query pass through torch.compile (an experiment)
+        # and the query pass through torch.compile, with the block's
+        # statistics in one read (experiments, timed together on CUDA)
         maml._compiled_passes = impl == "grouped-compiled"
+        maml._one_pass_stats = impl == "grouped-compiled"
         maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
