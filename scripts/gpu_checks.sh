@@ -105,6 +105,23 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
     --experiments --only "mlbook + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers_fo.json"
   echo "bench exit $?"
+  say "each lever against CUDA's default step (ms, ratio, peak MiB, rel err)"
+  $py - "$out"/bench_new_levers*.json <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        rows = json.load(open(path))["rows"]
+    except Exception as err:  # a part cut short before its first workload
+        print(path, "unreadable:", err)
+        continue
+    base = {r["workload"]: r["ms_per_step"] for r in rows
+            if r["variant"] == "mlbook + graph"}
+    for r in rows:
+        b = base.get(r["workload"])
+        ratio = f"{b / r['ms_per_step']:.2f}x" if b else "-"
+        print(f"{r['workload']:<14} {r['variant']:<36} {r['ms_per_step']:7.2f} "
+              f"{ratio:>6} {r['peak_mib']:8.0f} {r['rel_err_vs_float64']:.1e}")
+PY
   [ -n "${ALL_LEVERS:-}" ] && \
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
     --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
