@@ -16,11 +16,11 @@
 # block's statistics in one read, passes differentiated once through
 # torch.compile, both, fused Adam, each on CUDA's default step) in 5-way
 # and 20-way MAML, a profile of one step, then the first-order ones in
-# first-order MAML and Reptile; ALL_LEVERS=1 adds the levers timed before (fused Adam,
-# mlbook.fused_block, the first convolution as a matmul, each alone, all
-# three, with grouped or bmm convolutions, then with TF32 matmuls; the block
-# and the matmul are CUDA's defaults, "mlbook unfused" the step without
-# them); "cudnn" a cudnn.benchmark run;
+# first-order MAML and Reptile; ALL_LEVERS=1 adds the levers timed before
+# (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
+# alone, all three, with grouped or bmm convolutions, then with TF32
+# matmuls; the block and the matmul are CUDA's defaults, "mlbook unfused"
+# the step without them); "cudnn" a cudnn.benchmark run;
 # TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
 # compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
 # test files). CELLS="method shot minutes,..."
@@ -86,13 +86,13 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" cudnn "* ]]; then
 fi
 
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
-  say "levers in the graphed step (experiments): fused Adam, mlbook.fused_block, conv1 as a matmul"
+  say "levers not timed yet in the graphed step (experiments)"
   # the first run compiles mlbook.fused_block (torch.compile) for each shape;
   # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
-  # first the levers not timed yet, on CUDA's default step, in the two
-  # workloads with a target (5 and 20 ms), each alone and the two that
-  # touch batch norm together; then the profile of the default step; then
-  # the levers that apply to first-order steps, in those
+  # each on CUDA's default step, first in the two workloads with a target
+  # (5 and 20 ms), the two that touch batch norm also together; then the
+  # profile of the default step; then the levers that apply to first-order
+  # steps, in those
   timeout 280 $py -m mlbook bench --workloads conv4,conv4-20w \
     --experiments --only "mlbook + graph,one-pass stats + graph,compiled 1st-order passes + graph,stats and compiled passes + graph,mlbook fused Adam + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
@@ -105,22 +105,23 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
     --experiments --only "mlbook + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers_fo.json"
   echo "bench exit $?"
-  say "each lever against CUDA's default step (ms, ratio, peak MiB, rel err)"
+  say "the new levers' rows, and each against CUDA's default step"
   $py - "$out"/bench_new_levers*.json <<'PY'
 import json, sys
+from mlbook import bench
+rows = []
 for path in sys.argv[1:]:
     try:
-        rows = json.load(open(path))["rows"]
+        rows += json.load(open(path))["rows"]
     except Exception as err:  # a part cut short before its first workload
         print(path, "unreadable:", err)
-        continue
-    base = {r["workload"]: r["ms_per_step"] for r in rows
-            if r["variant"] == "mlbook + graph"}
-    for r in rows:
-        b = base.get(r["workload"])
-        ratio = f"{b / r['ms_per_step']:.2f}x" if b else "-"
-        print(f"{r['workload']:<14} {r['variant']:<36} {r['ms_per_step']:7.2f} "
-              f"{ratio:>6} {r['peak_mib']:8.0f} {r['rel_err_vs_float64']:.1e}")
+print(bench.format_rows(rows, compact=True))
+base = {r["workload"]: r["ms_per_step"] for r in rows
+        if r["variant"] == "mlbook + graph"}
+for r in rows:
+    if r["variant"] != "mlbook + graph" and r["workload"] in base:
+        ratio = base[r["workload"]] / r["ms_per_step"]
+        print(f"{r['workload']}: {r['variant']} {ratio:.2f}x the default step")
 PY
   [ -n "${ALL_LEVERS:-}" ] && \
   timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
