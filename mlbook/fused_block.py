@@ -100,10 +100,14 @@ def _with_recompiles(compiled_fn, fn):
     # only; a step that revisits a shape reuses its compiled version.
     import torch._dynamo
 
+    # the setting's name before torch 2.7 (later releases keep it as an alias)
+    old_name = not hasattr(torch._dynamo.config, "recompile_limit")
+    limit = {"cache_size_limit" if old_name else "recompile_limit": 64}
+
     def call(*args):
         global compile_error
         try:
-            with torch._dynamo.config.patch(recompile_limit=64):
+            with torch._dynamo.config.patch(**limit):
                 return compiled_fn(*args)
         except Exception as err:  # noqa: BLE001 - no C++ compiler, say
             # eager first: an error of the inputs' own raises again here and
