@@ -326,11 +326,27 @@ PLAIN_DOUBLE = "mlbook autograd-2nd"
 # CUDA's Conv4 step without mlbook.fused_block and the first layer as a
 # matmul (its defaults there): the two levers' own baseline
 UNFUSED = "mlbook unfused"
-OFF = dict(fused_block=False, one_channel_matmul=False)
+OFF = dict(
+    fused_block=False,
+    one_channel_matmul=False,
+    one_pass_stats=False,
+    compiled_passes=False,
+)
 ALL_AT_ONCE = "mlbook tasks at once"
 NCHW = "mlbook NCHW"
 # the "levers combined" experiment: _learner's options, all on
-LEVERS = dict(fused_block=True, one_channel_matmul=True, fused_adam=True)
+LEVERS = dict(
+    fused_block=True,
+    one_channel_matmul=True,
+    fused_adam=True,
+    one_pass_stats=False,
+    compiled_passes=False,
+)
+# CUDA's Conv4 step before its passes differentiated once went through
+# torch.compile and the fused block read h once for its statistics: their
+# baseline (records/bench-h200-compiled-passes.json)
+UNCOMPILED = "uncompiled passes"
+UNCOMPILED_OFF = dict(one_pass_stats=False, compiled_passes=False)
 
 
 class _Baseline:
@@ -358,8 +374,8 @@ def _learner(
     fused_block=None,
     one_channel_matmul=True,
     task_by_task=None,
-    one_pass_stats=False,
-    compiled_passes=False,
+    one_pass_stats=True,
+    compiled_passes=None,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -423,18 +439,10 @@ def variants(w, device, experiments=False) -> dict:
             UNFUSED + " + graph": learner(graphed=True, **OFF),
             # the fused block in the query pass too (and in first-order ones)
             "fused every pass + graph": learner(graphed=True, fused_block=True),
-            # the default step, the block's statistics in one read of h
-            "one-pass stats + graph": learner(graphed=True, one_pass_stats=True),
-            # the default step, its passes differentiated once (the query
-            # pass of MAML, all of first-order MAML's and Reptile's) compiled
-            "compiled 1st-order passes + graph": learner(
-                graphed=True, compiled_passes=True
-            ),
-            # the two above together: if each alone takes a part of the 5-way
-            # step's distance to 5 ms, one GPU run times their sum too
-            "stats and compiled passes + graph": learner(
-                graphed=True, one_pass_stats=True, compiled_passes=True
-            ),
+            # the default step without its compiled passes and one-pass
+            # statistics, and without the second alone
+            UNCOMPILED + " + graph": learner(graphed=True, **UNCOMPILED_OFF),
+            "two-pass stats + graph": learner(graphed=True, one_pass_stats=False),
             "mlbook fused Adam + graph": learner(graphed=True, fused_adam=True),
             "NHWC + graph": learner(graphed=True, channels_last=True),
             "plain BN + graph": learner(graphed=True, plain_norm=True),
@@ -494,6 +502,7 @@ def variants(w, device, experiments=False) -> dict:
             out[PLAIN_DOUBLE + " + graph"] = learner(graphed=True, batched_double=False)
         if conv:
             out[UNFUSED + " + graph"] = learner(graphed=True, **OFF)
+            out[UNCOMPILED + " + graph"] = learner(graphed=True, **UNCOMPILED_OFF)
             out["mlbook bmm + graph"] = learner("bmm", graphed=True)
         out["vmap + graph"] = baseline(vmap_step, graphed=True)
         if w.get("compile") and conv and w["method"] != "reptile":

@@ -2,7 +2,7 @@
 
 For second-order MAML on the GPU: ``mlbook`` takes it on CUDA in the passes
 differentiated twice (MAML's support set; ``InnerLoop.__init__`` says why
-there only, ``records/bench-h200-defaults.json`` times it, and ``python -m
+there only, ``records/bench-h200-fused-block.json`` times it, and ``python -m
 mlbook bench --experiments`` times it alone). The H200 profile of a 5-way
 Conv4 step (``mlbook/records/bench-h200-profile-grouped-conv.json``), before
 it, spent most of its kernel time outside the convolutions: autograd's double
@@ -88,16 +88,21 @@ def _fn(name, compiled):
     if not compiled or compile_error is not None:
         return fn
     if name not in _COMPILED:  # torch.compile imports dynamo: only when asked
-        _COMPILED[name] = _with_recompiles(torch.compile(fn), fn)
+        _COMPILED[name] = compiled_or_eager(torch.compile(fn), fn)
     return _COMPILED[name]
 
 
-def _with_recompiles(compiled_fn, fn):
-    # Conv4 calls each function at ~8 shapes (4 layers, support and query;
-    # sizes of 1 are specialized) with and without autograd recording: more
-    # than dynamo's default of 8 compiled versions per function, past which it
-    # silently runs the eager formulas. The limit is raised for these calls
-    # only; a step that revisits a shape reuses its compiled version.
+def compiled_or_eager(compiled_fn, fn):
+    """``compiled_fn`` (``torch.compile(fn)``) with more compiled versions
+    allowed, and ``fn`` itself, with one warning, once compiling has failed.
+
+    Also for ``InnerLoop``'s compiled passes. Conv4 calls each function at
+    several shapes (4 layers, support, query and evaluation sets; sizes of 1
+    are specialized) with and without autograd recording: more than dynamo's
+    default of 8 compiled versions per function, past which it silently runs
+    the eager code. The limit is raised for these calls only; a step that
+    revisits a shape reuses its compiled version.
+    """
     import torch._dynamo
 
     # the setting's name before torch 2.7 (later releases keep it as an alias)
@@ -106,6 +111,8 @@ def _with_recompiles(compiled_fn, fn):
 
     def call(*args):
         global compile_error
+        if compile_error is not None:  # failed once here: do not retry
+            return fn(*args)
         try:
             with torch._dynamo.config.patch(**limit):
                 return compiled_fn(*args)
@@ -115,9 +122,9 @@ def _with_recompiles(compiled_fn, fn):
             out = fn(*args)
             compile_error = f"{type(err).__name__}: {err}"
             warnings.warn(
-                f"torch.compile failed ({compile_error}); mlbook.fused_block "
-                "runs its formulas eagerly where asked (same numbers, not "
-                "fused), and MAML's default goes back to the plain batch norm",
+                f"torch.compile failed ({compile_error}); mlbook runs its "
+                "compiled code eagerly where asked (same numbers, slower), and "
+                "the defaults go back to plain batch norm and uncompiled passes",
                 stacklevel=2,
             )
             return out

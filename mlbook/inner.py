@@ -284,18 +284,26 @@ class InnerLoop:
         # None: on CUDA in the passes differentiated twice (MAML's support
         # set), where it replaces batch norm's double backward: with the
         # matmul, the H200's graphed 5-way MAML step went from 8.74 to 5.69
-        # ms, 20-way from 40.0 to 21.8 ms (records/bench-h200-defaults.json).
+        # ms, 20-way from 40.0 to 21.8 ms (records/bench-h200-fused-block.json).
         # Fused in every pass the 5-way step took 6.20 ms, and a first-order
         # step was slower with the block than without (5.85 against 4.89 ms;
         # bench-h200-levers-timed.json). Never on the CPU (one task per pass
         # there). True/False force it; "twice" is the CUDA rule on any device.
         self._fused_block = None
-        self._one_pass_stats = False  # the block's statistics by var_mean
-        # Conv4's passes differentiated once (MAML's query set, first-order
-        # MAML, Reptile) through torch.compile, forward and backward each
-        # one graph: whether that beats cuDNN's batch norm and ATen's ReLU
-        # and max-pool there, where the fused block alone did not
-        self._compiled_passes = False
+        # The block's two statistics in one read of h (torch.var_mean, a
+        # Welford reduction once compiled) rather than two.
+        self._one_pass_stats = True
+        # Conv4's passes differentiated once (MAML's query set, every pass of
+        # first-order MAML and Reptile) through torch.compile, forward and
+        # backward each one graph (a compiled backward cannot be
+        # differentiated again, hence once only). None: on CUDA while
+        # torch.compile works there; not on the CPU (not timed there, where
+        # one task per pass leaves little to fuse). With the one-pass
+        # statistics above, the H200's graphed steps went from 5.65 to 4.47
+        # ms (5-way MAML), 21.7 to 20.1 ms (20-way), 4.03 to 2.62 ms
+        # (first-order) and 7.23 to 4.37 ms (Reptile), in less memory
+        # (records/bench-h200-defaults.json). True/False force it.
+        self._compiled_passes = None
         self._compiled_losses = None  # its torch.compile, made on first use
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
@@ -618,6 +626,14 @@ class InnerLoop:
             fused = "twice" if h.is_cuda and works else False
         return twice if fused == "twice" else fused
 
+    def _compiles(self, x) -> bool:
+        """Whether a pass differentiated once goes through torch.compile
+        (see ``__init__``)."""
+        compiled = self._compiled_passes
+        if compiled is None:
+            compiled = x.is_cuda and fused_block.compile_error is None
+        return compiled
+
     def _conv(self, h, w, b, layer, t, twice=False, channels_last=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
         if self.conv_impl == "grouped" and self._one_channel_matmul and w.shape[2] == 1:
@@ -689,11 +705,14 @@ class InnerLoop:
 
     def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):
         """Loss of each task ``[T]`` (a scalar for one task)."""
-        if self._compiled_passes and not twice and self._conv_plan is not None:
-            # (an experiment: see __init__) its backward is compiled code
-            # that autograd cannot differentiate again, hence not ``twice``
+        if not twice and self._conv_plan is not None and self._compiles(x):
             if self._compiled_losses is None:
-                self._compiled_losses = torch.compile(self._pass_losses, dynamic=False)
+                # shapes fixed: each of support, query and evaluation sets
+                # gets its own graph; a failed compile warns and runs eagerly
+                compiled = torch.compile(self._pass_losses, dynamic=False)
+                self._compiled_losses = fused_block.compiled_or_eager(
+                    compiled, self._pass_losses
+                )
             args = params, buffers, x, y, batched, params_batched
             return self._compiled_losses(*args)
         return self._pass_losses(params, buffers, x, y, batched, params_batched, twice)

@@ -56,11 +56,13 @@ class MAML(InnerLoop):
     channels-last batch norm on the CPU rounds more (about 1e-5 against
     6e-7 for unit-scale inputs).
 
-    Second-order MAML on ``Conv4`` on CUDA runs batch norm, ReLU and max-pool
-    of the support pass as one compiled operation (``mlbook.fused_block``):
-    ``torch.compile`` compiles it at the first step of each shape, which takes
-    seconds, and if it fails (no Triton for the card, say) ``mlbook`` warns
-    once and keeps cuDNN's batch norm.
+    ``Conv4`` on CUDA takes the passes differentiated once (the query set;
+    every pass with ``first_order=True``, and evaluation's adaptation) through
+    ``torch.compile`` whole, and second-order MAML runs batch norm, ReLU and
+    max-pool of the support pass as one compiled operation
+    (``mlbook.fused_block``). Each is compiled at its first call for each
+    shape, which takes seconds; if compiling fails (no Triton for the card,
+    say) ``mlbook`` warns once and runs both eagerly, with cuDNN's batch norm.
     """
 
     def __init__(

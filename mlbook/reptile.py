@@ -32,7 +32,9 @@ class Reptile(InnerLoop):
     inner steps without autograd, by the closed-form backward pass of
     ``mlbook.mlp_grad`` (the same numbers); ``compile=True`` also runs that
     step, the plain update included, as one ``torch.compile``'d call (some
-    20 s to compile once; falls back to eager with a warning).
+    20 s to compile once; falls back to eager with a warning). ``Conv4`` on
+    CUDA takes its inner steps through ``torch.compile`` (as ``MAML`` does its
+    passes differentiated once), compiled at the first step of each shape.
     """
 
     uses_optimizer = False

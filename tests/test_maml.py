@@ -142,7 +142,7 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, r
         maml._fused_block = "twice" if twice else levers
         maml._one_channel_matmul = levers
         # and the query pass through torch.compile, with the block's
-        # statistics in one read (experiments, timed together on CUDA)
+        # statistics in one read: with the two above, CUDA's default step
         maml._compiled_passes = impl == "grouped-compiled"
         maml._one_pass_stats = impl == "grouped-compiled"
         maml._task_by_task = False  # all tasks at once, as on CUDA
@@ -307,6 +307,53 @@ def test_step_in_several_passes_gives_the_one_pass_meta_gradient(tasks_per_pass)
     torch.testing.assert_close(got, loss.detach(), rtol=1e-12, atol=0)
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("compiled", [None, True])
+def test_conv4_first_order_meta_gradient_matches_per_task_autograd(
+    device, compiled, request
+):
+    # First-order MAML on Conv4, all tasks in one pass: every pass is
+    # differentiated once, so on CUDA (None) or when forced (True) they run
+    # through torch.compile. Against SGD on each task with plain autograd
+    # and the query gradient at the adapted weights, in float64.
+    if compiled:
+        request.getfixturevalue("needs_compile")
+    gen = torch.Generator().manual_seed(8)
+    tasks, n_way, alpha, steps = 3, 4, 0.3, 2
+    x_s = torch.randn(tasks, n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    x_q = torch.randn(tasks, 2 * n_way, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y_s = torch.stack([torch.randperm(n_way, generator=gen) for _ in range(tasks)])
+    batch = ml.TaskBatch(x_s, y_s, x_q, y_s.repeat(1, 2)).to(device)
+    net = ml.models.Conv4(1, n_way, hidden=8).double().to(device)
+    maml = ml.MAML(
+        net, F.cross_entropy, inner_lr=alpha, inner_steps=steps, first_order=True
+    )
+    maml._task_by_task = False  # all tasks in one pass, as on CUDA
+    maml._compiled_passes = compiled
+    assert maml._compiles(batch.x_query) == (compiled or device.type == "cuda")
+    maml.meta_loss(batch).backward()
+
+    expected = [torch.zeros_like(p) for p in net.parameters()]
+    for t in range(tasks):
+        fast = [p.detach().clone().requires_grad_() for p in net.parameters()]
+        names = [n for n, _ in net.named_parameters()]
+        for _ in range(steps):
+            loss = F.cross_entropy(
+                conv4_forward(dict(zip(names, fast)), batch.x_support[t]),
+                batch.y_support[t],
+            )
+            grads = torch.autograd.grad(loss, fast)
+            fast = [
+                (w - alpha * g).detach().requires_grad_() for w, g in zip(fast, grads)
+            ]
+        loss = F.cross_entropy(
+            conv4_forward(dict(zip(names, fast)), batch.x_query[t]), batch.y_query[t]
+        )
+        for e, g in zip(expected, torch.autograd.grad(loss, fast)):
+            e += g / tasks
+    for (name, p), e in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_conv4_task_by_task_equals_all_tasks_at_once(device):
