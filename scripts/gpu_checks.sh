@@ -12,11 +12,11 @@
 # Needs python3 with torch (CUDA), numpy, tqdm, pytest, pillow; Omniglot via
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" times levers of `bench --experiments` in the
-# graphed step of the Conv4 workloads: those not timed yet (the fused
-# block's statistics in one read, passes differentiated once through
-# torch.compile, both, fused Adam, each on CUDA's default step) in 5-way
-# and 20-way MAML, a profile of one step, then the first-order ones in
-# first-order MAML and Reptile; ALL_LEVERS=1 adds the levers timed before
+# graphed step of the 5-way and 20-way Conv4 MAML workloads: CUDA's default
+# step against itself without its newest levers (the passes differentiated
+# once compiled, the block's one-pass statistics), the 20-way step with
+# TF32 matmuls, and a profile of one 20-way step, the one still above its
+# target; ALL_LEVERS=1 adds the levers timed before
 # (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
 # alone, all three, with grouped or bmm convolutions, then with TF32
 # matmuls; the block and the matmul are CUDA's defaults, "mlbook unfused"
@@ -42,12 +42,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 parts=${PARTS:-tests bench cells}
-tests=${TESTS:-tests/test_graph.py tests/test_maml.py tests/test_grouped_conv.py tests/test_fused_block.py tests/test_reptile_transfer.py tests/test_train.py tests/test_tasks_and_errors.py}
+tests=${TESTS:-tests/test_maml.py tests/test_reptile_transfer.py tests/test_graph.py tests/test_grouped_conv.py tests/test_fused_block.py tests/test_train.py tests/test_tasks_and_errors.py}
 if [[ " $parts " == *" tests "* ]]; then
   say "unit tests, their CUDA cases (the CPU ones run in CI)"
   # -k: a fresh machine compiles mlbook.fused_block for every test shape on
   # each device, over a minute per compiled case: leave the CPU's out here
-  timeout 300 $py -m pytest -q -p no:cacheprovider -k "not cpu" $tests \
+  timeout 420 $py -m pytest -q -p no:cacheprovider -k "not cpu" $tests \
     >"$out/tests.log" 2>&1
   echo "pytest exit $?"; tail -4 "$out/tests.log"
 fi
@@ -86,35 +86,36 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" cudnn "* ]]; then
 fi
 
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
-  say "levers not timed yet in the graphed step (experiments)"
-  # the first run compiles mlbook.fused_block (torch.compile) for each shape;
-  # "mlbook" has CUDA's defaults (the block in the support pass, the matmul)
-  # each on CUDA's default step, first in the two workloads with a target
-  # (5 and 20 ms), the two that touch batch norm also together; then the
-  # profile of the default step; then the levers that apply to first-order
-  # steps, in those
-  timeout 280 $py -m mlbook bench --workloads conv4,conv4-20w \
-    --experiments --only "mlbook + graph,one-pass stats + graph,compiled 1st-order passes + graph,stats and compiled passes + graph,mlbook fused Adam + graph" \
+  say "CUDA's default step against itself without its newest levers"
+  # the first run compiles mlbook.fused_block and the passes differentiated
+  # once (torch.compile) for each shape; "mlbook" has CUDA's defaults
+  timeout 240 $py -m mlbook bench --workloads conv4,conv4-20w \
+    --experiments --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
   echo "bench exit $?"
-  say "profile of one eager step of CUDA's default"
-  timeout 90 $py -m mlbook bench --workloads conv4 --profile --experiments --rounds 1 \
-    --only "mlbook + graph" --round-seconds 0.05 --out "$out/bench_profile.json"
-  say "first-order steps: compiled passes, fused Adam"
-  timeout 150 $py -m mlbook bench --workloads conv4-fo,conv4-reptile \
-    --experiments --only "mlbook + graph,compiled 1st-order passes + graph,mlbook fused Adam + graph" \
-    --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers_fo.json"
+  say "the 20-way step with TF32 matmuls too (cuDNN's convolutions use TF32 already)"
+  timeout 120 $py -m mlbook bench --workloads conv4-20w --experiments --tf32 \
+    --only "mlbook + graph" --rounds 3 --round-seconds 0.15 \
+    --out "$out/bench_new_levers_tf32.json"
   echo "bench exit $?"
-  say "the new levers' rows, and each against CUDA's default step"
-  $py - "$out"/bench_new_levers*.json <<'PY'
+  say "profile of one eager 20-way step of CUDA's default"
+  timeout 120 $py -m mlbook bench --workloads conv4-20w --profile --experiments --rounds 1 \
+    --only "mlbook + graph" --round-seconds 0.05 --out "$out/bench_profile.json"
+  say "the rows above, and each against CUDA's default step"
+  $py - "$out"/bench_new_levers.json "$out"/bench_new_levers_tf32.json <<'PY'
 import json, sys
 from mlbook import bench
 rows = []
 for path in sys.argv[1:]:
     try:
-        rows += json.load(open(path))["rows"]
+        found = json.load(open(path))
     except Exception as err:  # a part cut short before its first workload
         print(path, "unreadable:", err)
+        continue
+    for r in found["rows"]:
+        if found.get("tf32_matmul"):
+            r["variant"] += " (TF32 matmuls)"
+        rows.append(r)
 print(bench.format_rows(rows, compact=True))
 base = {r["workload"]: r["ms_per_step"] for r in rows
         if r["variant"] == "mlbook + graph"}
@@ -123,16 +124,17 @@ for r in rows:
         ratio = base[r["workload"]] / r["ms_per_step"]
         print(f"{r['workload']}: {r['variant']} {ratio:.2f}x the default step")
 PY
-  [ -n "${ALL_LEVERS:-}" ] && \
-  timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
-    --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
-    --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
-  echo "bench exit $?"
-  [ -n "${ALL_LEVERS:-}" ] && say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
-  [ -n "${ALL_LEVERS:-}" ] && timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
-    --only "mlbook + graph,levers combined + graph,levers bmm + graph" \
-    --rounds 3 --round-seconds 0.15 --out "$out/bench_levers_tf32.json"
-  echo "bench exit $?"
+  if [ -n "${ALL_LEVERS:-}" ]; then
+    timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo --experiments \
+      --only "mlbook + graph,mlbook unfused + graph,fused every pass + graph,fused Adam + graph,fused block + graph,conv1 matmul + graph,levers combined + graph,levers bmm + graph" \
+      --rounds 3 --round-seconds 0.15 --out "$out/bench_levers.json"
+    echo "bench exit $?"
+    say "the same with TF32 matmuls (cuDNN's convolutions use TF32 already)"
+    timeout 150 $py -m mlbook bench --workloads conv4,conv4-20w --experiments --tf32 \
+      --only "mlbook + graph,levers combined + graph,levers bmm + graph" \
+      --rounds 3 --round-seconds 0.15 --out "$out/bench_levers_tf32.json"
+    echo "bench exit $?"
+  fi
   if [ -n "${COMPILE:-}" ]; then
     say "torch.compile of the whole Conv4 meta-gradient (torch.func), beside mlbook"
     timeout 300 $py -m mlbook bench --workloads conv4,conv4-fo --compile \
