@@ -14,9 +14,12 @@
 # "tests bench cells"; "speed" times levers of `bench --experiments` in the
 # graphed step of the 5-way and 20-way Conv4 MAML workloads: CUDA's default
 # step against itself without its newest levers (the passes differentiated
-# once compiled, the block's one-pass statistics), the 20-way step with
-# TF32 matmuls, and a profile of one 20-way step, the one still above its
-# target; ALL_LEVERS=1 adds the levers timed before
+# once compiled, the block's one-pass statistics) and with channels-last
+# activations in every pass (slower before the fused block and compiled
+# passes took over batch norm; cuDNN's grouped convolutions convert NCHW to
+# NHWC and back), the 20-way step with TF32 matmuls, and a profile of one
+# 20-way step, the one still above its target; ALL_LEVERS=1 adds the levers
+# timed before
 # (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
 # alone, all three, with grouped or bmm convolutions, then with TF32
 # matmuls; the block and the matmul are CUDA's defaults, "mlbook unfused"
@@ -90,7 +93,7 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   # the first run compiles mlbook.fused_block and the passes differentiated
   # once (torch.compile) for each shape; "mlbook" has CUDA's defaults
   timeout 240 $py -m mlbook bench --workloads conv4,conv4-20w \
-    --experiments --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph" \
+    --experiments --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph,NHWC + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
   echo "bench exit $?"
   say "the 20-way step with TF32 matmuls too (cuDNN's convolutions use TF32 already)"

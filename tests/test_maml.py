@@ -101,7 +101,7 @@ def conv4_forward(params, x, num_blocks=4):
     "impl",
     [
         "grouped", "grouped-batched", "grouped-levers", "grouped-twice",
-        "grouped-compiled", "bmm", "by-task", "vmap",
+        "grouped-compiled", "grouped-compiled-nhwc", "bmm", "by-task", "vmap",
     ],
 )
 def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, request):
@@ -110,7 +110,8 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, r
     # batch norm), or takes the tasks one at a time (the CPU's default);
     # any other model runs under vmap. Each is checked, double backward
     # included, against a per-task loop of ordinary autograd.
-    if impl == "grouped-compiled":
+    compiled = impl.startswith("grouped-compiled")
+    if compiled:
         request.getfixturevalue("needs_compile")
     gen = torch.Generator().manual_seed(3)
     n_way, k, q, tasks, alpha, steps = 5, 1, 2, 3, 0.4, 2
@@ -137,14 +138,18 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, r
         # mlbook.fused_block (compiled) in every pass, or only in the passes
         # differentiated twice (CUDA's default), and the first layer as a
         # batched matmul (CUDA's default too)
-        levers = impl in ("grouped-levers", "grouped-twice", "grouped-compiled")
-        twice = impl in ("grouped-twice", "grouped-compiled")
+        levers = compiled or impl in ("grouped-levers", "grouped-twice")
+        twice = compiled or impl == "grouped-twice"
         maml._fused_block = "twice" if twice else levers
         maml._one_channel_matmul = levers
         # and the query pass through torch.compile, with the block's
         # statistics in one read: with the two above, CUDA's default step
-        maml._compiled_passes = impl == "grouped-compiled"
-        maml._one_pass_stats = impl == "grouped-compiled"
+        maml._compiled_passes = compiled
+        maml._one_pass_stats = compiled
+        if impl == "grouped-compiled-nhwc":
+            # that step with channels-last activations in every pass (an
+            # experiment: `bench --experiments`' "NHWC + graph")
+            maml._channels_last = True
         maml._task_by_task = False  # all tasks at once, as on CUDA
     maml.meta_loss(batch).backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
