@@ -324,14 +324,9 @@ def workload(name: str, device, gpu_sizes: bool = False) -> dict:
 
 PLAIN_DOUBLE = "mlbook autograd-2nd"
 # CUDA's Conv4 step without mlbook.fused_block and the first layer as a
-# matmul (its defaults there): the two levers' own baseline
+# matmul (its defaults there), nor the compiled passes: the levers' baseline
 UNFUSED = "mlbook unfused"
-OFF = dict(
-    fused_block=False,
-    one_channel_matmul=False,
-    one_pass_stats=False,
-    compiled_passes=False,
-)
+OFF = dict(fused_block=False, one_channel_matmul=False, compiled_passes=False)
 ALL_AT_ONCE = "mlbook tasks at once"
 NCHW = "mlbook NCHW"
 # the "levers combined" experiment: _learner's options, all on
@@ -344,7 +339,7 @@ LEVERS = dict(
 )
 # CUDA's Conv4 step before its passes differentiated once went through
 # torch.compile and the fused block read h once for its statistics: their
-# baseline (records/bench-h200-compiled-passes.json)
+# baseline (records/bench-h200-defaults.json)
 UNCOMPILED = "uncompiled passes"
 UNCOMPILED_OFF = dict(one_pass_stats=False, compiled_passes=False)
 
