@@ -371,6 +371,7 @@ def _learner(
     task_by_task=None,
     one_pass_stats=True,
     compiled_passes=None,
+    shared_first_step=False,
 ):
     if w["method"] == "reptile":
         out = Reptile(
@@ -400,6 +401,7 @@ def _learner(
     out._fused_block, out._one_channel_matmul = fused_block, one_channel_matmul
     out._one_pass_stats = one_pass_stats
     out._compiled_passes = compiled_passes
+    out._shared_first_step = shared_first_step
     out.fused_adam = fused_adam or None  # read by _setup
     return _Autocast(out) if bf16 else out
 
@@ -438,6 +440,9 @@ def variants(w, device, experiments=False) -> dict:
             # statistics, and without the second alone
             UNCOMPILED + " + graph": learner(graphed=True, **UNCOMPILED_OFF),
             "two-pass stats + graph": learner(graphed=True, one_pass_stats=False),
+            # the first inner step's convolutions dense over all tasks'
+            # examples (every task starts from theta): grouped_conv.shared_conv2d
+            "shared first step + graph": learner(graphed=True, shared_first_step=True),
             "mlbook fused Adam + graph": learner(graphed=True, fused_adam=True),
             "NHWC + graph": learner(graphed=True, channels_last=True),
             "plain BN + graph": learner(graphed=True, plain_norm=True),

@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from . import fused_block
 from .fused_block import bn_relu_pool
-from .grouped_conv import grouped_conv2d
+from .grouped_conv import grouped_conv2d, shared_conv2d
 from .tasks import TaskBatch
 
 __all__ = ["InnerLoop"]
@@ -305,6 +305,16 @@ class InnerLoop:
         # (records/bench-h200-defaults.json). True/False force it.
         self._compiled_passes = None
         self._compiled_losses = None  # its torch.compile, made on first use
+        # At the first inner step every task's weights are theta itself (an
+        # expand): Conv4's convolutions after the first, in an eager pass,
+        # as dense convolutions over N*T examples with one filter bank
+        # (mlbook.grouped_conv.shared_conv2d), each task's weight gradient
+        # still grouped. On an H200 cuDNN's grouped convolutions convert
+        # NCHW<->NHWC around each call (0.5 ms of a 5-way step's 6 ms of
+        # kernels, records/bench-h200-profile-fused-block.json). Not timed
+        # on a GPU yet, so off by default: `bench --experiments`' "shared
+        # first step + graph" times it.
+        self._shared_first_step = False
         self._norms = None
         # Second-order passes through Conv4 take mlbook.grouped_conv (True) or
         # autograd's double backward of F.conv2d (False). None: the first on
@@ -504,9 +514,13 @@ class InnerLoop:
             by_task = x.device.type == "cpu"
         return batched and by_task and self._conv_plan is not None and x.shape[0] > 1
 
-    def _forward(self, params, buffers, x, batched, params_batched, twice=False):
+    def _forward(
+        self, params, buffers, x, batched, params_batched, twice=False, shared=False
+    ):
         """f_params(x) for one task, or for each task of a batch ``[T, K, ...]``.
-        ``twice``: this pass will be differentiated twice (MAML's support set)."""
+        ``twice``: this pass will be differentiated twice (MAML's support set).
+        ``shared``: the batched ``params`` are expands of the model's own, whose
+        derivatives are only summed over tasks (``_adapt``'s first step)."""
         if not batched:
             return functional_call(self.model, (params, buffers), (x,))
         if self._plan is not None and params_batched and x.dim() == 3:
@@ -529,14 +543,14 @@ class InnerLoop:
                     for i in range(x.shape[0])
                 ]
                 return torch.cat(outs)
-            return self._conv_forward(params, x, twice)
+            return self._conv_forward(params, x, twice, shared)
         call = lambda p, xb: functional_call(self.model, (p, buffers), (xb,))  # noqa: E731
         # randomness: each task draws its own dropout masks (and the like)
         return vmap(
             call, in_dims=(0 if params_batched else None, 0), randomness="different"
         )(params, x)
 
-    def _conv_forward(self, params, x, twice=False):
+    def _conv_forward(self, params, x, twice=False, shared=False):
         """Conv4 on a batch of tasks ``x: [T, N, C, H, W]`` with per-task
         weights ``[T, ...]``, without vmap: activations are laid out as
         ``[N, T*C, H, W]`` (task t owns channels t*C .. t*C+C-1), so
@@ -561,7 +575,7 @@ class InnerLoop:
             i += 1
             if kind == "conv":
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-                h = self._conv(h, w, b, layer, t, twice, nhwc)
+                h = self._conv(h, w, b, layer, t, twice, nhwc, shared)
                 if nhwc:
                     # a no-op after a convolution of channels-last input; but
                     # an input of one channel is both layouts, and the
@@ -634,10 +648,13 @@ class InnerLoop:
             compiled = x.is_cuda and fused_block.compile_error is None
         return compiled
 
-    def _conv(self, h, w, b, layer, t, twice=False, channels_last=False):
+    def _conv(self, h, w, b, layer, t, twice=False, channels_last=False, shared=False):
         """Task t's filters ``w[t]`` on task t's channels of ``h``."""
         if self.conv_impl == "grouped" and self._one_channel_matmul and w.shape[2] == 1:
             return self._one_channel_conv(h, w, b, layer, t, channels_last)
+        if shared and self.conv_impl == "grouped" and t > 1 and h.is_contiguous():
+            # every task's filters are theta (see __init__): dense
+            return shared_conv2d(h, w, b, layer.stride, layer.padding, layer.dilation)
         if self.conv_impl == "grouped":
             # A pass differentiated twice takes the convolution whose second
             # derivative is batched over tasks (autograd's loops over them).
@@ -703,8 +720,11 @@ class InnerLoop:
         out = torch.matmul(w, cols)  # [N, T, C_out, L]
         return out.reshape(n, -1, *out_size)
 
-    def _losses(self, params, buffers, x, y, batched, params_batched, twice=False):
-        """Loss of each task ``[T]`` (a scalar for one task)."""
+    def _losses(
+        self, params, buffers, x, y, batched, params_batched, twice=False, shared=False
+    ):
+        """Loss of each task ``[T]`` (a scalar for one task); ``shared`` as in
+        ``_forward`` (the compiled passes do not take it)."""
         if not twice and self._conv_plan is not None and self._compiles(x):
             if self._compiled_losses is None:
                 # shapes fixed: each of support, query and evaluation sets
@@ -715,11 +735,14 @@ class InnerLoop:
                 )
             args = params, buffers, x, y, batched, params_batched
             return self._compiled_losses(*args)
-        return self._pass_losses(params, buffers, x, y, batched, params_batched, twice)
+        args = params, buffers, x, y, batched, params_batched, twice, shared
+        return self._pass_losses(*args)
 
-    def _pass_losses(self, params, buffers, x, y, batched, params_batched, twice=False):
+    def _pass_losses(
+        self, params, buffers, x, y, batched, params_batched, twice=False, shared=False
+    ):
         """``_losses`` as plain PyTorch operations."""
-        pred = self._forward(params, buffers, x, batched, params_batched, twice)
+        pred = self._forward(params, buffers, x, batched, params_batched, twice, shared)
         if self.loss_fn is F.mse_loss and pred.shape != y.shape:
             # mse_loss would broadcast [T, K, 1] against [T, K] into nonsense
             raise ValueError(
@@ -760,8 +783,12 @@ class InnerLoop:
         # outer derivative: work on detached leaves and return detached tensors.
         differentiable = torch.is_grad_enabled()
         create_graph = differentiable and not first_order
+        # Whether the first step's weights are one theta for every task (as
+        # MAML's and Reptile's are): then Conv4 may run them as one (see
+        # InnerLoop.__init__)
+        from_theta = batched and not self._is_batched_params(params)
         with torch.enable_grad():
-            if batched and not self._is_batched_params(params):
+            if from_theta:
                 # One copy of theta per task: [T, ...]. expand() costs no memory,
                 # and autograd sums the per-task derivatives back into theta.
                 num_tasks = x.shape[0]
@@ -772,9 +799,10 @@ class InnerLoop:
                 k: p if p.requires_grad else p.detach().requires_grad_()
                 for k, p in params.items()
             }
-            for _ in range(steps):
+            for step in range(steps):
+                shared = from_theta and step == 0 and self._shared_first_step
                 losses = self._losses(
-                    params, buffers, x, y, batched, batched, twice=create_graph
+                    params, buffers, x, y, batched, batched, create_graph, shared
                 )
                 # Task t's loss depends only on its own slice of the batched
                 # weights, so d(sum_t L_t)/d(theta_t) is task t's own gradient.

@@ -17,9 +17,10 @@
 # once compiled, the block's one-pass statistics) and with channels-last
 # activations in every pass (slower before the fused block and compiled
 # passes took over batch norm; cuDNN's grouped convolutions convert NCHW to
-# NHWC and back), the 20-way step with TF32 matmuls, and a profile of one
-# 20-way step, the one still above its target; ALL_LEVERS=1 adds the levers
-# timed before
+# NHWC and back) and with the first inner step's convolutions dense over all
+# tasks (every task starts from theta: grouped_conv.shared_conv2d), the 20-way
+# step with TF32 matmuls, and a profile of one 20-way step, the one still
+# above its target; ALL_LEVERS=1 adds the levers timed before
 # (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
 # alone, all three, with grouped or bmm convolutions, then with TF32
 # matmuls; the block and the matmul are CUDA's defaults, "mlbook unfused"
@@ -92,13 +93,13 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
   say "CUDA's default step against itself without its newest levers"
   # the first run compiles mlbook.fused_block and the passes differentiated
   # once (torch.compile) for each shape; "mlbook" has CUDA's defaults
-  timeout 240 $py -m mlbook bench --workloads conv4,conv4-20w \
-    --experiments --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph,NHWC + graph" \
+  timeout 270 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
+    --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph,NHWC + graph,shared first step + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
   echo "bench exit $?"
   say "the 20-way step with TF32 matmuls too (cuDNN's convolutions use TF32 already)"
-  timeout 120 $py -m mlbook bench --workloads conv4-20w --experiments --tf32 \
-    --only "mlbook + graph" --rounds 3 --round-seconds 0.15 \
+  timeout 150 $py -m mlbook bench --workloads conv4-20w --experiments --tf32 \
+    --only "mlbook + graph,shared first step + graph" --rounds 3 --round-seconds 0.15 \
     --out "$out/bench_new_levers_tf32.json"
   echo "bench exit $?"
   say "profile of one eager 20-way step of CUDA's default"

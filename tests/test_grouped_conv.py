@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from mlbook.grouped_conv import grouped_conv2d
+from mlbook.grouped_conv import grouped_conv2d, shared_conv2d
 
 SETTINGS = [(1, 1, 1), (2, 1, 1), (2, 0, 1), (1, 2, 2)]  # stride, padding, dilation
 
@@ -133,3 +133,63 @@ def test_first_layer_as_a_matmul_is_the_grouped_convolution(
     torch.testing.assert_close(matmul(*args), grouped(*args), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(matmul, args)
     assert torch.autograd.gradgradcheck(matmul, args)
+
+
+def _shared_inputs(device, tasks=3, n=2, c=2, o=3, size=7):
+    """h [N, T*C, H, W], and one filter bank and bias (theta) for every task."""
+    h, w, b = _inputs(device, groups=1, n=n * tasks, c=c, o=o, size=size)
+    return h.detach().view(n, tasks * c, size, size).requires_grad_(), w, b
+
+
+@pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
+def test_shared_filters_match_finite_differences(stride, padding, dilation):
+    # theta -> its expand to every task -> shared_conv2d, as the first inner
+    # step runs it; derivatives with respect to theta are the tasks' summed
+    h, theta, bias = _shared_inputs("cpu")
+
+    def conv(h, theta, bias):
+        w, b = theta.expand(3, *theta.shape), bias.expand(3, -1)
+        return shared_conv2d(h, w, b, stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(conv, (h, theta, bias))
+    assert torch.autograd.gradgradcheck(conv, (h, theta, bias))
+
+
+@pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
+def test_shared_filters_equal_the_grouped_convolution(
+    device, stride, padding, dilation
+):
+    # Against F.conv2d with T copies of the filters and autograd's own double
+    # backward: the output, each task's own weight and bias gradient (an
+    # inner step's), and second derivatives through those gradients with a
+    # different weight per task, as an outer loop's would be.
+    tasks = 3
+    h, theta, bias = _shared_inputs(device, tasks)
+    g = torch.Generator().manual_seed(1)
+    per_task = torch.randn(tasks, *theta.shape, generator=g, dtype=torch.float64)
+    per_task = per_task.to(device)
+
+    def run(shared):
+        w, b = theta.expand(tasks, *theta.shape), bias.expand(tasks, -1)
+        if shared:
+            out = shared_conv2d(h, w, b, stride, padding, dilation)
+        else:
+            flat_w, flat_b = w.reshape(-1, *w.shape[2:]), b.reshape(-1)
+            out = F.conv2d(h, flat_w, flat_b, stride, padding, dilation, tasks)
+        gh, gw, gb = torch.autograd.grad(out.sin().sum(), (h, w, b), create_graph=True)
+        outer = gh.cos().sum() + (gw * per_task).sum() + gb.square().sum()
+        return (out, gh, gw, gb) + torch.autograd.grad(outer, (h, theta, bias))
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_filters_refuse_what_they_cannot_view():
+    h, theta, _ = _shared_inputs("cpu")
+    w = theta.expand(3, *theta.shape)
+    with pytest.raises(ValueError, match="numeric padding"):
+        shared_conv2d(h, w, padding="same")
+    with pytest.raises(ValueError, match=r"h \[N, T\*C, H, W\] and w"):
+        shared_conv2d(h, w[:2])
+    with pytest.raises(ValueError, match="NCHW-contiguous"):
+        shared_conv2d(h.contiguous(memory_format=torch.channels_last), w)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlbook as ml
+from mlbook.grouped_conv import shared_conv2d
 
 
 def linear_tasks(num_tasks, k, q, d, device, gen):
@@ -101,10 +102,13 @@ def conv4_forward(params, x, num_blocks=4):
     "impl",
     [
         "grouped", "grouped-batched", "grouped-levers", "grouped-twice",
-        "grouped-compiled", "grouped-compiled-nhwc", "bmm", "by-task", "vmap",
+        "grouped-compiled", "grouped-compiled-nhwc", "grouped-compiled-shared",
+        "grouped-shared", "bmm", "by-task", "vmap",
     ],
 )
-def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, request):
+def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(
+    device, impl, request, monkeypatch
+):
     # Conv4's batched forward puts the tasks' channels side by side (grouped
     # convolution, with either second derivative, or unfold + bmm, and one
     # batch norm), or takes the tasks one at a time (the CPU's default);
@@ -150,8 +154,20 @@ def test_conv4_batchnorm_meta_gradient_matches_per_task_autograd(device, impl, r
             # that step with channels-last activations in every pass (an
             # experiment: `bench --experiments`' "NHWC + graph")
             maml._channels_last = True
+        if impl.endswith("-shared"):
+            # the first inner step's convolutions as dense ones over all
+            # tasks' examples (every task starts from theta), an experiment:
+            # `bench --experiments`' "shared first step + graph"
+            maml._shared_first_step = True
         maml._task_by_task = False  # all tasks at once, as on CUDA
+    calls = []
+    spy = lambda *args: calls.append(1) or shared_conv2d(*args)  # noqa: E731
+    monkeypatch.setattr(ml.inner, "shared_conv2d", spy)
     maml.meta_loss(batch).backward()
+    # taken at the first of the two inner steps only, only when asked for,
+    # by the three convolutions after the first (whose input, a view of x
+    # across tasks, is not N*T images in one block of memory)
+    assert len(calls) == (3 if impl.endswith("-shared") else 0)
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
 
     theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
@@ -322,13 +338,16 @@ def test_step_in_several_passes_gives_the_one_pass_meta_gradient(tasks_per_pass)
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("compiled", [None, True])
+@pytest.mark.parametrize(
+    "compiled,shared", [(None, False), (True, False), (False, True)]
+)
 def test_conv4_first_order_meta_gradient_matches_per_task_autograd(
-    device, compiled, request
+    device, compiled, shared, request, monkeypatch
 ):
     # First-order MAML on Conv4, all tasks in one pass: every pass is
     # differentiated once, so on CUDA (None) or when forced (True) they run
-    # through torch.compile. Against plain autograd, in float64.
+    # through torch.compile; eager (False) with the first step's convolutions
+    # dense over all tasks (shared_conv2d). Against plain autograd, in float64.
     if compiled:
         request.getfixturevalue("needs_compile")
     gen = torch.Generator().manual_seed(8)
@@ -343,8 +362,16 @@ def test_conv4_first_order_meta_gradient_matches_per_task_autograd(
     )
     maml._task_by_task = False  # all tasks in one pass, as on CUDA
     maml._compiled_passes = compiled
-    assert maml._compiles(batch.x_query) == (compiled or device.type == "cuda")
+    maml._shared_first_step = shared
+    if shared:
+        maml._channels_last = False  # NCHW as on CUDA (shared_conv2d's layout)
+    on = device.type == "cuda" if compiled is None else compiled
+    assert maml._compiles(batch.x_query) == on
+    calls = []
+    spy = lambda *args: calls.append(1) or shared_conv2d(*args)  # noqa: E731
+    monkeypatch.setattr(ml.inner, "shared_conv2d", spy)
     maml.meta_loss(batch).backward()
+    assert len(calls) == (3 if shared else 0)  # as in the second-order test
 
     # the module itself (batch norm on batch statistics, as in training)
     expected = first_order_reference(net, F.cross_entropy, batch, alpha, steps)
