@@ -13,14 +13,14 @@
 # MLBOOK_DATA (and a cache via MLBOOK_CACHE). PARTS picks what runs (default
 # "tests bench cells"; "speed" times levers of `bench --experiments` in the
 # graphed step of the 5-way and 20-way Conv4 MAML workloads: CUDA's default
-# step against itself without its newest levers (the passes differentiated
-# once compiled, the block's one-pass statistics) and with channels-last
-# activations in every pass (slower before the fused block and compiled
-# passes took over batch norm; cuDNN's grouped convolutions convert NCHW to
-# NHWC and back) and with the first inner step's convolutions dense over all
-# tasks (every task starts from theta: grouped_conv.shared_conv2d), the 20-way
-# step with TF32 matmuls, and a profile of one 20-way step, the one still
-# above its target; ALL_LEVERS=1 adds the levers timed before
+# step against itself with channels-last activations in every pass (slower
+# before the fused block and compiled passes took over batch norm; cuDNN's
+# grouped convolutions convert NCHW to NHWC and back) and with the first
+# inner step's convolutions dense over all tasks (every task starts from
+# theta: grouped_conv.shared_conv2d), the 20-way step with TF32 matmuls, and
+# a profile of one 20-way step, the one still above its target; "record"
+# the command of records/bench-h200-defaults.json, to run again once a lever
+# has become a default; ALL_LEVERS=1 adds to "speed" the levers timed before
 # (fused Adam, mlbook.fused_block, the first convolution as a matmul, each
 # alone, all three, with grouped or bmm convolutions, then with TF32
 # matmuls; the block and the matmul are CUDA's defaults, "mlbook unfused"
@@ -89,12 +89,20 @@ if [ "$dev" = cuda ] && [[ " $parts " == *" cudnn "* ]]; then
     --rounds 3 --round-seconds 0.15 --out "$out/bench_speed_cudnn_benchmark.json"
 fi
 
+if [ "$dev" = cuda ] && [[ " $parts " == *" record "* ]]; then
+  say "the defaults record again (records/bench-h200-defaults.json's command)"
+  timeout 300 $py -m mlbook bench --workloads conv4,conv4-20w,conv4-fo,conv4-reptile \
+    --only "mlbook + graph,uncompiled passes + graph,vmap + graph" \
+    --rounds 3 --round-seconds 0.15 --out "$out/bench-h200-defaults.json"
+  echo "bench exit $?"
+fi
+
 if [ "$dev" = cuda ] && [[ " $parts " == *" speed "* ]]; then
-  say "CUDA's default step against itself without its newest levers"
+  say "CUDA's default step against itself with the untimed levers"
   # the first run compiles mlbook.fused_block and the passes differentiated
   # once (torch.compile) for each shape; "mlbook" has CUDA's defaults
-  timeout 270 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
-    --only "mlbook + graph,uncompiled passes + graph,two-pass stats + graph,NHWC + graph,shared first step + graph" \
+  timeout 240 $py -m mlbook bench --workloads conv4,conv4-20w --experiments \
+    --only "mlbook + graph,NHWC + graph,shared first step + graph" \
     --rounds 3 --round-seconds 0.15 --out "$out/bench_new_levers.json"
   echo "bench exit $?"
   say "the 20-way step with TF32 matmuls too (cuDNN's convolutions use TF32 already)"
