@@ -51,7 +51,7 @@ class MAML(InnerLoop):
     (faster there). There Conv4 also keeps its activations channels-last in
     the passes differentiated once (the query set; every pass with
     ``first_order=True``) and runs its first layer as a matmul: the same
-    meta-gradient in float64, a fifth to a fourth less time per step than the
+    meta-gradient in float64, a fifth to a third less time per step than the
     NCHW form (``records/bench-cpu-conv4.json``); in float32 PyTorch's
     channels-last batch norm on the CPU rounds more (about 1e-5 against
     6e-7 for unit-scale inputs).

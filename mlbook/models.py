@@ -44,9 +44,11 @@ class Conv4(nn.Module):
     For 28x28 inputs the features are ``hidden`` x 1 x 1.
 
     BatchNorm keeps **no running statistics** (``track_running_stats=False``):
-    it always normalises with the statistics of the batch it is given. That is
-    what lets ``torch.func.vmap`` run one copy per task, and it means test-time
-    evaluation is *transductive*: the query images of a task are normalised
+    it always normalises with the statistics of the batch it is given. So the
+    module holds no buffer that adaptation would update, a batch of tasks can
+    run through it at once with each task normalised by its own statistics
+    (mlbook's grouped convolutions), and test-time evaluation is
+    *transductive*: the query images of a task are normalised
     together, as in the MAML paper's evaluation. Introduced in
     ``book/07_few_shot_images``.
     """
