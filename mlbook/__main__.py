@@ -66,6 +66,19 @@ def main(argv=None):
         unknown = sorted(set(methods) - set(SINUSOID))
         if unknown:
             parser.error(f"unknown method(s) {unknown}; choose from {list(SINUSOID)}")
+        if not methods:
+            parser.error(f"--methods names no method; choose from {list(SINUSOID)}")
+        # every argument checked before any training (hours, at paper length)
+        for flag in ("iterations", "eval_tasks", "threads"):
+            if getattr(args, flag) < 1:
+                parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.device is not None:
+            try:
+                device = torch.device(args.device)
+            except RuntimeError as err:
+                parser.error(f"--device {args.device!r}: {err}")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                parser.error(f"--device {args.device!r}: this torch sees no CUDA GPU")
         torch.set_num_threads(args.threads)
         try:
             results = sinusoid(

@@ -29,7 +29,7 @@ Introduced in ``book/07_few_shot_images``.
 
 from __future__ import annotations
 
-import math
+import hashlib
 
 import numpy as np
 import torch
@@ -98,6 +98,25 @@ class FewShot:
     @property
     def num_classes(self) -> int:
         return self.images.shape[0]
+
+    def fingerprint(self) -> str:
+        """``n_way``, the images' shape and dtype and a hash of their bytes:
+        what ``meta_train`` compares before resuming a checkpoint, so a run
+        is not continued on other classes, another split or other
+        rotations. Hashed once per distribution (Omniglot's training classes:
+        0.2 s on a 2-core CPU)."""
+        images = self.images
+        cached = getattr(self, "_digest", None)
+        if cached is None or cached[0] is not images:  # (images replaced)
+            data = images.detach().cpu().contiguous()
+            digest = hashlib.blake2b(
+                data.view(torch.uint8).numpy().data, digest_size=8
+            ).hexdigest()
+            self._digest = cached = (images, digest)
+        return (
+            f"{self.n_way}-way, images {list(images.shape)} {images.dtype}, "
+            f"blake2b {cached[1]}"
+        )
 
     @property
     def per_class(self) -> int:
@@ -243,9 +262,3 @@ def evaluate_protocols(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
     return {"transductive": EvalResult(steps, "accuracy", torch.cat(trans, 1)),
             "one_query_at_a_time": EvalResult(single_steps, "accuracy",
                                               torch.cat(single, 1))}
-
-
-def accuracy_interval(values) -> tuple[float, float]:
-    """(mean, 95% interval) in percent of per-task accuracies."""
-    v = torch.as_tensor(values, dtype=torch.float64) * 100
-    return v.mean().item(), (1.96 * v.std() / math.sqrt(v.numel())).item()

@@ -330,21 +330,35 @@ class InnerLoop:
     # -- parameters -----------------------------------------------------------
     def params(self) -> dict:
         """The model's parameters as ``{name: tensor}`` (the tensors themselves)."""
-        return dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters())
+        frozen = [k for k, p in params.items() if not p.requires_grad]
+        if frozen:
+            # Every path adapts and meta-trains every parameter; a frozen one
+            # would be moved by some (hand-written gradients, Reptile's
+            # step) and not by others, so none takes it.
+            raise ValueError(
+                f"parameters {frozen} have requires_grad=False; mlbook adapts "
+                "and meta-trains every parameter of the model. To keep some "
+                "fixed, adapt them all and reset those after each step (see "
+                "book/10_summary, Exercise 3), or leave them out of the model"
+            )
+        return params
 
     def _buffers(self) -> dict:
         if self._norms is None:  # found once: walking the modules every call is slow
             self._norms = [
                 (name, m)
                 for name, m in self.model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                # batch norm and instance norm alike
+                if isinstance(m, nn.modules.batchnorm._NormBase)
             ]
         for name, m in self._norms:
             if m.training and m.track_running_stats:
                 raise ValueError(
-                    f"BatchNorm layer {name!r} updates running statistics in training "
-                    "mode, which would modify the model during adaptation; build it "
-                    "with track_running_stats=False (as mlbook.models.Conv4 does)"
+                    f"{type(m).__name__} layer {name!r} updates running statistics "
+                    "in training mode, which would modify the model during "
+                    "adaptation; build it with track_running_stats=False (as "
+                    "mlbook.models.Conv4 does)"
                 )
         return dict(self.model.named_buffers())
 
@@ -358,6 +372,9 @@ class InnerLoop:
         """Whether ``params`` hold a batch of tasks; then ``x`` must be a
         batch of as many tasks."""
         params_batched = self._is_batched_params(params)
+        missing = [k for k, _ in self.model.named_parameters() if k not in params]
+        if missing:  # (a forward would quietly take the model's own instead)
+            raise ValueError(f"params lacks the model's parameters {missing}")
         if params_batched and not batched:
             raise ValueError("params hold a batch of tasks but x is one task")
         if params_batched:
@@ -461,6 +478,10 @@ class InnerLoop:
             or any(not isinstance(s, str) for s in plan[0::2])
             or batch.x_support.device.type != "cpu"
             or batch.x_support.dim() != 3
+            # targets of another dtype: autograd's gradients take the
+            # parameters' dtype, the closed forms would not
+            or batch.y_support.dtype != batch.x_support.dtype
+            or y_eval.dtype != batch.x_support.dtype
         ):
             return None
         params = self.params()
@@ -753,12 +774,14 @@ class InnerLoop:
             return self.loss_fn(pred, y)
         if self.loss_fn is F.mse_loss:  # the mean over each task's points
             return (pred - y).square().flatten(1).mean(1)
-        if self.loss_fn is F.cross_entropy and pred.dim() == 3:
-            # [T, N, classes]: mean over each task's N examples
+        if self.loss_fn is F.cross_entropy and pred.dim() == 3 and y.dim() == 2:
+            # [T, N, classes] against class labels [T, N]: F.cross_entropy's
+            # mean for each task, over the examples whose label is not its
+            # ignore_index (-100); those count 0 in reduction="none"
             per_example = F.cross_entropy(
                 pred.flatten(0, 1), y.flatten(), reduction="none"
             )
-            return per_example.view(y.shape).mean(1)
+            return per_example.view(y.shape).sum(1) / (y != -100).sum(1)
         return vmap(self.loss_fn)(pred, y)
 
     def _adapt(self, params, buffers, x, y, steps, first_order, batched):

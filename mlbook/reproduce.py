@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import zoo
+from .inner import _positive
 from .maml import MAML
 from .models import MLP
 from .reptile import Reptile
@@ -104,8 +105,14 @@ def sinusoid(
     unknown = sorted(set(methods) - set(SINUSOID))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(SINUSOID)}")
+    # checked before the first method trains, not when the evaluation needs it
+    _positive("iterations", iterations, int)
+    _positive("eval_tasks", eval_tasks, int)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    # Other methods' results from an earlier run into the same folder stay.
+    earlier = json.loads(path.read_text()) if path.exists() else {}
     dist = Sinusoid()
     results = {}
     for method in methods:
@@ -170,10 +177,8 @@ def sinusoid(
                 commit=_commit(),
             )
             zoo.save(f"sinusoid-{method}", learner.model, record, overwrite=True)
-    # Other methods' results from an earlier run into the same folder stay.
-    path = out / "results.json"
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(earlier | results, indent=2) + "\n")
+        # after each method: a later one that fails does not lose this one
+        path.write_text(json.dumps(earlier | results, indent=2) + "\n")
     return results
 
 

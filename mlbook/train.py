@@ -59,13 +59,17 @@ def _save_atomic(obj, path: Path):
 def _settings(learner, tasks) -> dict:
     """What a checkpoint must agree on besides the sampling: the learner's
     hyper-parameters and the task distribution (a dataclass's repr names its
-    ranges; anything else, its type)."""
+    ranges; anything else, its type, and its ``fingerprint()`` when it has
+    one, as ``FewShot`` does: a hash of its images)."""
     out = {}
     for key in ("inner_lr", "inner_steps", "first_order", "outer_lr"):
         value = getattr(learner, key, None)
         if isinstance(value, (bool, int, float)):
             out[key] = value
     out["tasks"] = repr(tasks) if is_dataclass(tasks) else type(tasks).__name__
+    if callable(getattr(tasks, "fingerprint", None)):
+        # (a key of its own: checkpoints made before it resume as before)
+        out["tasks_data"] = tasks.fingerprint()
     return out
 
 
@@ -85,6 +89,15 @@ def _load_checkpoint(path: Path, device) -> dict:
             "use another path"
         )
     return state
+
+
+def _plain(value):
+    """An optimizer setting as plain Python (a tensor lr as its number)."""
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _check_resume(path, state, config, model, optimizer, trained, iterations):
@@ -124,11 +137,20 @@ def _check_resume(path, state, config, model, optimizer, trained, iterations):
                 f"checkpoint {path}: the optimizer's parameter groups differ"
             )
         for g, h in zip(optimizer.param_groups, saved_opt["param_groups"]):
-            if g.get("lr") != h.get("lr"):
+            # load_state_dict would put the checkpoint's settings (lr, betas,
+            # weight_decay, ...) in place of this optimizer's: refuse instead.
+            # Keys one torch release has and another lacks are not compared.
+            differ = [
+                f"{k}: {_plain(h[k])!r} there, {_plain(g[k])!r} here"
+                for k in sorted(set(g) & set(h) - {"params"})
+                if _plain(g[k]) != _plain(h[k])
+            ]
+            if differ:
                 raise ValueError(
-                    f"checkpoint {path} was trained with learning rate "
-                    f"{h.get('lr')}, this optimizer has {g.get('lr')}; resuming "
-                    "would use the checkpoint's: use another path for a new rate"
+                    f"checkpoint {path} was trained with other optimizer settings "
+                    f"({', '.join(differ)}); resuming would replace this "
+                    "optimizer's with the checkpoint's: use another path for new "
+                    "settings"
                 )
     extra = state.get("trained", [])
     if len(extra) != len(trained) or any(
@@ -169,9 +191,9 @@ def meta_train(
     and at the end; an existing checkpoint is resumed (``resume=True``) so an
     interrupted run ends exactly where an uninterrupted one would. A
     checkpoint made with other settings (sampling, the learner's
-    hyper-parameters, the task distribution, the model, the optimizer or its
-    learning rate), or one past ``iterations``, is refused before anything is
-    loaded. ``resume=False`` refuses to overwrite an existing file. A
+    hyper-parameters, the task distribution (for ``FewShot``, its images),
+    the model, the optimizer or any of its settings), or one past
+    ``iterations``, is refused before anything is loaded. ``resume=False`` refuses to overwrite an existing file. A
     non-finite meta-loss stops the run with ``FloatingPointError`` before
     anything more is saved. ``learner.model`` is moved to ``device`` (default: CUDA when
     present); tensors a learner subclass keeps beside the model (learned
@@ -404,7 +426,8 @@ class EvalResult:
         rows = [f"{self.metric} over {self.values.shape[1]} tasks"]
         for s, m, c, d in zip(self.steps, self.mean, self.ci95, self.diverged):
             note = f"  ({d} diverged, left out)" if d else ""
-            rows.append(f"  {s:>3} steps: {m:.4f} +- {c:.4f}{note}")
+            label = "1 step" if s == 1 else f"{s} steps"
+            rows.append(f"  {label:>9}: {m:.4f} +- {c:.4f}{note}")
         return "\n".join(rows)
 
 

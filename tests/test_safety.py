@@ -212,7 +212,8 @@ def test_a_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
         (dict(learner=lambda: maml(first_order=True)), "first_order"),
         (dict(learner=lambda: maml(inner_steps=2)), "inner_steps"),
         (dict(tasks=ml.tasks.Sinusoid(amplitude=(0.1, 2.0))), "tasks"),
-        (dict(outer_lr=0.5), "learning rate"),
+        (dict(outer_lr=0.5), "optimizer settings.*lr: 0.001 there, 0.5 here"),
+        (dict(optimizer="adam-wd"), "weight_decay: 0 there, 0.5 here"),
         (dict(learner=lambda: maml(ml.models.MLP(1, (9,), 1))), "another model"),
         (dict(optimizer="sgd"), "optimizer"),
         (dict(iterations=3), "past the 3 asked for"),
@@ -229,6 +230,10 @@ def test_resuming_with_other_settings_is_refused_before_anything_loads(
     kwargs = {k: v for k, v in change.items() if k in ("outer_lr", "iterations")}
     if change.get("optimizer") == "sgd":
         kwargs["optimizer"] = torch.optim.SGD(learner.model.parameters(), lr=1e-3)
+    if change.get("optimizer") == "adam-wd":  # the same lr, other settings
+        kwargs["optimizer"] = torch.optim.Adam(
+            learner.model.parameters(), lr=1e-3, weight_decay=0.5
+        )
     with pytest.raises(ValueError, match=match):
         ml.meta_train(
             learner,
@@ -373,3 +378,54 @@ def test_the_command_line_names_a_checkpoint_that_does_not_fit(tmp_path, capsys)
         main([*args, "--iterations", "2", "--eval-tasks", "10"])
     assert stop.value.code == 2
     assert "past the 2 asked for" in capsys.readouterr().err
+
+
+def test_resuming_on_other_images_is_refused(tmp_path):
+    # FewShot is no dataclass: its fingerprint (a hash of the images) is what
+    # the checkpoint compares, so other classes or rotations do not resume
+    from mlbook.fewshot import FewShot
+
+    images = torch.rand(6, 4, 1, 28, 28)  # [classes, per_class, C, H, W]
+    model = ml.models.Conv4(num_classes=3, hidden=4)
+    learner = ml.MAML(model, F.cross_entropy, inner_lr=0.1)
+    args = dict(num_tasks=2, k_support=1, k_query=1, device="cpu", progress=False)
+    ckpt = tmp_path / "fs.pt"
+    ml.meta_train(learner, FewShot(images, 3), 2, checkpoint=ckpt, **args)
+    saved = ckpt.read_bytes()
+    for other in (FewShot(images.flip(-1), 3), FewShot(images[:5], 3)):
+        with pytest.raises(ValueError, match="tasks_data"):
+            ml.meta_train(learner, other, 4, checkpoint=ckpt, **args)
+    assert ckpt.read_bytes() == saved
+    same = FewShot(images.clone(), 3)  # equal images: resumes
+    assert ml.meta_train(learner, same, 3, checkpoint=ckpt, **args).resumed_from == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--eval-tasks", "0"], "--eval-tasks must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--methods", ","], "names no method"),
+        (["--device", "bogus"], "--device 'bogus'"),
+    ],
+)
+def test_the_command_line_checks_its_arguments_before_training(
+    tmp_path, capsys, args, message
+):
+    from mlbook.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["sinusoid", "--iterations", "3", "--out", str(tmp_path), *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+def test_a_failing_method_keeps_the_results_of_those_before_it(tmp_path):
+    (tmp_path / "reptile.pt").write_bytes(b"not a checkpoint")  # makes reptile fail
+    with pytest.raises(ValueError, match="reptile.pt"):
+        reproduce.sinusoid(
+            ["fomaml", "reptile"], 2, tmp_path, progress=False, eval_tasks=2
+        )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["fomaml"] and results["fomaml"]["iterations"] == 2

@@ -201,3 +201,86 @@ def test_task_and_tasks_pick_along_the_task_dim_with_info():
     assert torch.equal(part.info["phase"], b.info["phase"][1:4])
     one = b.task(4)
     assert one.num_tasks == 1 and torch.equal(one.x_support, b.x_support[4:])
+
+
+def test_frozen_parameters_are_refused_before_anything_moves():
+    # Some paths would move a requires_grad=False weight (hand-written
+    # gradients, Reptile's step) and others not: every one refuses it.
+    batch = ml.tasks.Sinusoid().sample(3, 5, 5)
+    for make in (
+        lambda net: ml.MAML(net, F.mse_loss, 0.01),  # closed-form MLP step
+        lambda net: ml.Reptile(net, F.mse_loss, 0.01, inner_steps=2),
+    ):
+        net = ml.models.MLP(1, (8,), 1)
+        net[0].weight.requires_grad_(False)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        learner = make(net)
+        with pytest.raises(ValueError, match=r"\['0.weight'\].*requires_grad"):
+            learner.meta_step(batch, torch.optim.Adam(net.parameters(), 1e-2))
+        with pytest.raises(ValueError, match="requires_grad"):
+            learner.adapt(batch.x_support, batch.y_support)
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_instance_norm_with_running_stats_is_refused_before_it_is_modified():
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(1, 4, 3),
+        torch.nn.InstanceNorm1d(4, track_running_stats=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 1),
+    )
+    before = net[1].running_mean.clone()
+    maml = ml.MAML(net, F.mse_loss, 0.1)
+    with pytest.raises(ValueError, match="InstanceNorm1d.*track_running_stats"):
+        maml.adapt(torch.randn(5, 1, 8), torch.randn(5, 1))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        maml.meta_loss(
+            ml.TaskBatch(*(torch.randn(2, 5, *s) for s in ((1, 8), (1,), (1, 8), (1,))))
+        )
+    assert torch.equal(net[1].running_mean, before)
+
+
+def test_params_missing_a_weight_are_refused():
+    maml = ml.MAML(ml.models.MLP(1, (8,), 1), F.mse_loss, 0.01)
+    b = ml.tasks.Sinusoid().sample(2, 5, 5)
+    fast = maml.adapt(b.x_support, b.y_support)  # {name: [2, ...]}
+    del fast["2.bias"]
+    with pytest.raises(ValueError, match=r"lacks .*\['2.bias'\]"):
+        maml.predict(fast, b.x_query)  # batched path
+    with pytest.raises(ValueError, match=r"lacks .*\['2.bias'\]"):
+        maml.predict({k: v[0] for k, v in fast.items()}, b.x_query[0])  # one task
+
+
+def test_batched_cross_entropy_is_f_cross_entropy_per_task():
+    # ignore_index (-100) labels and soft targets, as F.cross_entropy has them
+    torch.manual_seed(0)
+    maml = ml.MAML(ml.models.MLP(3, (8,), 3).double(), F.cross_entropy, 0.1)
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 4))
+    labels[0, :2] = -100
+    soft = torch.softmax(torch.randn(2, 4, 3, dtype=torch.float64), -1)
+    params = maml.params()
+    for y in (labels, soft):
+        batched = maml.task_losses(params, x, y)  # [2]
+        one_by_one = torch.stack(
+            [maml.task_losses(params, x[i], y[i]) for i in range(2)]
+        )
+        torch.testing.assert_close(batched, one_by_one, rtol=1e-12, atol=0)
+
+
+def test_float64_targets_on_a_float32_mlp_step_as_autograd_does():
+    # the closed-form MLP step steps aside; the update is autograd's
+    b = ml.tasks.Sinusoid().sample(3, 4, 5)
+    b64 = ml.TaskBatch(b.x_support, b.y_support.double(), b.x_query, b.y_query.double())
+    torch.manual_seed(0)
+    net = ml.models.MLP(1, (8,), 1)
+    reference = ml.models.MLP(1, (8,), 1)
+    reference.load_state_dict(net.state_dict())
+    ml.MAML(net, F.mse_loss, 0.01).meta_step(
+        b64, torch.optim.SGD(net.parameters(), 1.0)
+    )
+    maml = ml.MAML(reference, F.mse_loss, 0.01)
+    grads = torch.autograd.grad(maml.meta_loss(b64), list(reference.parameters()))
+    for p, q, g in zip(net.parameters(), reference.parameters(), grads):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q - g.float(), rtol=1e-5, atol=1e-6)
