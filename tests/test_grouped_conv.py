@@ -20,9 +20,13 @@ def _inputs(device, groups=3, n=2, c=2, o=3, size=7, seed=0):
     return [t.to(device).requires_grad_() for t in (h, w, b)]
 
 
+# size 8 with stride 2: the transposed convolution needs an output_padding
+@pytest.mark.parametrize("size", [7, 8])
 @pytest.mark.parametrize("stride,padding,dilation", SETTINGS)
-def test_values_and_derivatives_match_finite_differences(stride, padding, dilation):
-    h, w, b = _inputs("cpu")
+def test_values_and_derivatives_match_finite_differences(
+    stride, padding, dilation, size
+):
+    h, w, b = _inputs("cpu", size=size)
 
     def conv(h, w, b):
         return grouped_conv2d(h, w, b, stride, padding, dilation, groups=3)

@@ -229,6 +229,11 @@ def test_fused_adam_only_for_a_plain_adam_over_exactly_the_model():
         torch.optim.SGD(params, lr=0.1),
     ):
         assert maml._adam(opt, params) is None
+    try:  # AdamW's decay as an Adam flag (newer torch): not the fused step's
+        decoupled = torch.optim.Adam(params, decoupled_weight_decay=True)
+    except TypeError:
+        return
+    assert maml._adam(decoupled, params) is None
 
 
 def test_compiled_adam_step_gives_torch_adam_and_keeps_its_state_format():

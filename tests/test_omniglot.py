@@ -162,20 +162,43 @@ def test_sample_rejects_too_many_shots(data):
 
 def test_one_query_at_a_time_matches_a_plain_loop():
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (12, 20, 28, 28), dtype=torch.uint8)
+    # each class a pattern of its own plus noise: after a few steps the
+    # predictions depend on the image, so scoring the wrong one shows
+    pattern = torch.randint(0, 200, (12, 1, 28, 28))
+    images = (pattern + torch.randint(0, 56, (12, 20, 28, 28))).to(torch.uint8)
     tasks = fs.FewShot(images, 3)
     maml = ml.MAML(ml.models.Conv4(1, 3), F.cross_entropy, inner_lr=0.4)
-    ev = fs.evaluate_one_query_at_a_time(maml, tasks, steps=(0, 1), num_tasks=2,
-                                         k_support=2, k_query=2, seed=3)
-    assert ev.values.shape == (2, 2)
-    batch = tasks.sample(2, 2, 2, generator=torch.Generator().manual_seed(3))
-    fast = maml.adapt(batch.x_support, batch.y_support, steps=1)
-    for t in range(2):
+    ev = fs.evaluate_one_query_at_a_time(maml, tasks, steps=(0, 5), num_tasks=4,
+                                         k_support=2, k_query=3, seed=3)
+    assert ev.values.shape == (2, 4)
+    batch = tasks.sample(4, 2, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # as evaluation adapts (float32 rounding alike)
+        fast = maml.adapt(batch.x_support, batch.y_support, steps=5)
+    scored_elsewhere = []
+    for t in range(4):
         params = {k: v[t] for k, v in fast.items()}
-        right = [maml.predict(params, torch.cat([batch.x_support[t],
-                                                 batch.x_query[t, q: q + 1]]))[-1]
-                 .argmax().item() == batch.y_query[t, q].item() for q in range(6)]
-        assert ev.values[1, t].item() == pytest.approx(sum(right) / 6)
+        logits = [maml.predict(params, torch.cat([batch.x_support[t],
+                                                  batch.x_query[t, q: q + 1]]))
+                  for q in range(9)]  # [N*K + 1, n_way] each: the query last
+        right = [z[-1].argmax() == batch.y_query[t, q] for q, z in enumerate(logits)]
+        assert ev.values[1, t].item() == pytest.approx(sum(right).item() / 9)
+        # what scoring the wrong row (a support image) would give
+        scored_elsewhere.append(sum(z[0].argmax() == batch.y_query[t, q]
+                                    for q, z in enumerate(logits)).item() / 9)
+    assert ev.values[1].tolist() != pytest.approx(scored_elsewhere)  # can tell
+
+
+def test_episodes_draw_support_and_query_images_alike():
+    # image j of every class is filled with the value j: the pixels say which
+    # drawing an episode took, and every drawing should be as likely in the
+    # support set as in the query set (none favoured by its index)
+    images = torch.arange(20, dtype=torch.uint8)[None, :, None, None]
+    tasks = fs.FewShot(images.expand(6, 20, 28, 28).contiguous(), 3)
+    b = tasks.sample(2000, 1, 1, generator=torch.Generator().manual_seed(0))
+    drawn = [(x[:, :, 0, 0, 0] * 255).round() for x in (b.x_support, b.x_query)]
+    for index in drawn:  # [2000, 3] drawing indices, uniform over 0..19
+        assert set(index.unique().tolist()) == set(range(20))
+        assert abs(index.mean().item() - 9.5) < 0.3  # its standard error: 0.075
 
 
 # -- archive safety --------------------------------------------------------------------

@@ -16,6 +16,16 @@ import mlbook as ml
 def fresh(method="maml"):
     torch.manual_seed(0)
     net = ml.models.MLP(1, (16, 16), 1)
+    if method == "maml-dropout":
+        # dropout masks come from torch's global generator, which the
+        # checkpoint must carry over for a resume to draw the same masks
+        net = torch.nn.Sequential(
+            torch.nn.Linear(1, 16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(16, 1),
+        )
+        return ml.MAML(net, F.mse_loss, inner_lr=0.01)
     if method == "reptile":
         return ml.Reptile(net, F.mse_loss, inner_lr=0.02, inner_steps=2, outer_lr=0.1)
     # compiled: meta-gradient and Adam in one call, Adam's state in the optimizer
@@ -23,7 +33,7 @@ def fresh(method="maml"):
     return ml.MAML(net, F.mse_loss, inner_lr=0.01, inner_steps=1, compile=compile)
 
 
-@pytest.mark.parametrize("method", ["maml", "reptile", "maml-compiled"])
+@pytest.mark.parametrize("method", ["maml", "reptile", "maml-compiled", "maml-dropout"])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, method):
     dist = ml.tasks.Sinusoid()
     straight = fresh(method)
