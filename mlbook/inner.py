@@ -371,10 +371,12 @@ class InnerLoop:
     def _check_params_for(self, params: dict, x: torch.Tensor, batched: bool) -> bool:
         """Whether ``params`` hold a batch of tasks; then ``x`` must be a
         batch of as many tasks."""
-        params_batched = self._is_batched_params(params)
+        # every missing name at once (before _is_batched_params names only
+        # the first); a forward would quietly take the model's own instead
         missing = [k for k, _ in self.model.named_parameters() if k not in params]
-        if missing:  # (a forward would quietly take the model's own instead)
+        if missing:
             raise ValueError(f"params lacks the model's parameters {missing}")
+        params_batched = self._is_batched_params(params)
         if params_batched and not batched:
             raise ValueError("params hold a batch of tasks but x is one task")
         if params_batched:

@@ -193,7 +193,8 @@ def meta_train(
     checkpoint made with other settings (sampling, the learner's
     hyper-parameters, the task distribution (for ``FewShot``, its images),
     the model, the optimizer or any of its settings), or one past
-    ``iterations``, is refused before anything is loaded. ``resume=False`` refuses to overwrite an existing file. A
+    ``iterations``, is refused before anything is loaded. ``resume=False``
+    refuses to overwrite an existing file. A
     non-finite meta-loss stops the run with ``FloatingPointError`` before
     anything more is saved. ``learner.model`` is moved to ``device`` (default: CUDA when
     present); tensors a learner subclass keeps beside the model (learned
