@@ -480,7 +480,9 @@ def evaluate(
     order, each once. Adaptation is SGD with the learner's ``inner_lr``; the
     model is not modified. A task whose metric becomes NaN or infinite raises
     ``FloatingPointError``, unless ``allow_diverged=True``: then it is counted
-    in ``EvalResult.diverged``.
+    in ``EvalResult.diverged``. The model runs in the mode it is in: call
+    ``learner.model.eval()`` first if it has dropout (mlbook's models, whose
+    batch norm keeps no running statistics, act the same in either mode).
     """
     if isinstance(steps, int):
         raise TypeError(f"steps must be a sequence of step counts, e.g. ({steps},)")
