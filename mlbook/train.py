@@ -423,6 +423,51 @@ class EvalResult:
             "diverged": self.diverged,
         }
 
+    def agrees_with(self, record: dict, rtol: float = 0.02) -> list:
+        """Compare with a stored evaluation of the same tasks (``as_dict``'s
+        form, which the shipped records keep).
+
+        Returns ``(mean here, diverged here, agrees)`` for each of the
+        record's steps. A step agrees when the diverged counts differ by at
+        most one and, if they are equal, the means by at most ``rtol`` of the
+        record's mean plus half its 95% interval. (Another machine rounds
+        differently, and ten steps of SGD amplify that: a task near the edge
+        may diverge on one machine and not the other, and then moves the
+        mean by more than any tolerance that would still catch a real
+        change.)
+        """
+        if record.get("metric", self.metric) != self.metric:
+            raise ValueError(
+                f"the record holds {record['metric']!r}, this evaluation "
+                f"{self.metric!r}"
+            )
+        tasks = self.values.shape[1]
+        if record.get("tasks", tasks) != tasks:
+            raise ValueError(
+                f"the record was taken over {record['tasks']} tasks, this "
+                f"evaluation over {tasks}: evaluate the same tasks"
+            )
+        missing = [s for s in record["steps"] if s not in self.steps]
+        if missing:
+            raise ValueError(
+                f"the record has steps {missing} that this evaluation lacks "
+                f"(it has {self.steps})"
+            )
+        means, counts = self.mean, self.diverged
+        stored = zip(
+            record["steps"],
+            record["mean"],
+            record["ci95"],
+            record.get("diverged", [0] * len(record["steps"])),
+        )
+        rows = []
+        for s, m, c, d in stored:
+            mean, d_here = means[self.steps.index(s)], counts[self.steps.index(s)]
+            same_mean = abs(mean - m) <= rtol * abs(m) + 0.5 * c
+            agrees = abs(d_here - d) <= 1 and (d_here != d or same_mean)
+            rows.append((mean, d_here, agrees))
+        return rows
+
     def __str__(self):
         rows = [f"{self.metric} over {self.values.shape[1]} tasks"]
         for s, m, c, d in zip(self.steps, self.mean, self.ci95, self.diverged):

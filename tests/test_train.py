@@ -186,6 +186,36 @@ def test_evaluate_counts_diverged_tasks_only_when_asked():
     assert clean.shape == (1, 1)
 
 
+def test_agrees_with_compares_each_recorded_step():
+    inf = float("inf")
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 1.5, inf]])
+    ev = ml.EvalResult([0, 10], "loss", values)
+    record = ev.as_dict()
+    assert [ok for _, _, ok in ev.agrees_with(record)] == [True, True]
+    assert ev.agrees_with(record)[1][:2] == (pytest.approx(2.5 / 3), 1)
+    # the tolerance: 2% of the record's mean m plus half its interval h, so
+    # a mean 2.5 here agrees with m = 2.5 + x up to x = (0.05 + h) / 0.98
+    room = (0.02 * 2.5 + 0.5 * record["ci95"][0]) / 0.98
+    for shift, ok in [(0.99 * room, True), (1.01 * room, False)]:
+        moved = dict(record, mean=[2.5 + shift, record["mean"][1]])
+        assert ev.agrees_with(moved)[0][2] is ok
+    # one task more or less diverged: the means cannot be compared
+    assert ev.agrees_with(dict(record, diverged=[1, 0], mean=[9.0, 9.0])) == [
+        (2.5, 0, True),
+        (pytest.approx(2.5 / 3), 1, True),
+    ]
+    assert not ev.agrees_with(dict(record, diverged=[2, 1]))[0][2]
+    # only the record's steps are compared
+    late = dict(record, steps=[10], mean=[2.5 / 3], ci95=record["ci95"][1:])
+    assert len(ev.agrees_with(dict(late, diverged=[1]))) == 1
+    with pytest.raises(ValueError, match="accuracy"):
+        ev.agrees_with(dict(record, metric="accuracy"))
+    with pytest.raises(ValueError, match="600 tasks"):
+        ev.agrees_with(dict(record, tasks=600))
+    with pytest.raises(ValueError, match=r"steps \[1\]"):
+        ev.agrees_with(dict(record, steps=[0, 1]))
+
+
 def test_zoo_round_trip_and_no_silent_overwrite(tmp_path):
     net = ml.models.MLP(1, (4,), 1)
     record = {
