@@ -193,11 +193,13 @@ def _first_layer(model: nn.Module):
 
 
 def _example_dims(model: nn.Module):
-    for module in model.modules():
+    """(dims of one example, the layer they were read off): the first
+    Linear/Conv layer the model registers; (None, None) without one."""
+    for name, module in model.named_modules():
         for cls, dims in _EXAMPLE_DIMS.items():
             if isinstance(module, cls):
-                return dims
-    return None
+                return dims, f"{name or 'the model'} ({cls.__name__})"
+    return None, None
 
 
 class InnerLoop:
@@ -243,11 +245,12 @@ class InnerLoop:
         self.inner_lr = _positive("inner_lr", inner_lr)
         self.inner_steps = _positive("inner_steps", inner_steps, int, allow_zero=True)
         self.first_order = bool(first_order)
+        self._dims_from = None  # the layer example_dims was read off, if any
         if example_dims is not None:
             _positive("example_dims", example_dims, int)
-        self.example_dims = (
-            example_dims if example_dims is not None else _example_dims(model)
-        )
+        else:
+            example_dims, self._dims_from = _example_dims(model)
+        self.example_dims = example_dims
         self._first_layer = _first_layer(model)
         self.check_finite = check_finite
         # A plain MLP gets a hand-batched forward (one bmm per layer): same
@@ -397,10 +400,18 @@ class InnerLoop:
             )
         d = self.example_dims
         if x.dim() not in (d + 1, d + 2):
+            # a layer registered before the input layer (a head defined
+            # first, say) gives the wrong count: say where it came from
+            source = (
+                f" (read off {self._dims_from}, the first Linear/Conv layer the "
+                "model registers; pass example_dims= if examples enter elsewhere)"
+                if self._dims_from
+                else ""
+            )
             raise ValueError(
                 f"{name} must be [K, ...] (one task) or [T, K, ...] (a batch) with "
-                f"{d} example dim(s), i.e. {d + 1} or {d + 2} dims; got shape "
-                f"{tuple(x.shape)}"
+                f"{d} example dim(s){source}, i.e. {d + 1} or {d + 2} dims; got "
+                f"shape {tuple(x.shape)}"
             )
         param = next(self.model.parameters())
         if x.device != param.device:

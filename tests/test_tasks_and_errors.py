@@ -155,6 +155,32 @@ def test_model_without_linear_or_conv_needs_example_dims():
         ml.MAML(net, F.mse_loss, 0.01).adapt(torch.zeros(5, 1), torch.zeros(5, 1))
 
 
+class _HeadFirst(torch.nn.Module):
+    """An image model whose classifier is registered before its convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 3)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_example_dims_read_off_the_wrong_layer_says_so():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 1, 8, 8), torch.randint(0, 3, (2, 6))
+    guessed = ml.MAML(_HeadFirst(), F.cross_entropy, 0.1)
+    assert guessed.example_dims == 1  # from the head: wrong for images
+    with pytest.raises(ValueError, match=r"read off head \(Linear\).*example_dims="):
+        guessed.adapt(x, y)
+    told = ml.MAML(_HeadFirst(), F.cross_entropy, 0.1, example_dims=3)
+    fast = told.adapt(x, y)
+    assert fast["body.0.weight"].shape == (2, 4, 1, 3, 3)  # one set per task
+
+
 def test_bad_model_and_loss_types():
     with pytest.raises(TypeError, match="nn.Module"):
         ml.MAML(lambda x: x, F.mse_loss, 0.01)
