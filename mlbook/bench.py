@@ -697,7 +697,8 @@ def count_ops(w, device, levers=False) -> dict:
     ``workload("conv4", device, gpu_sizes=True)`` say; ``levers``:
     mlbook.fused_block in every pass and the first layer as a matmul, else
     neither (``UNFUSED``; CUDA's default has both, the block in the support
-    pass only). Returns the counts as a dict."""
+    pass only). Returns the counts as a dict; ``book/09_tools`` explains the
+    count."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -762,12 +763,14 @@ RECORDS = Path(__file__).parent / "records"
 
 def records() -> list[str]:
     """Names of the shipped benchmark records (GPU runs, made by
-    ``scripts/gpu_checks.sh``; each holds the command that produced it)."""
+    ``scripts/gpu_checks.sh``; each holds the command that produced it), read
+    by ``book/09_tools``."""
     return sorted(p.stem for p in RECORDS.glob("*.json"))
 
 
 def load_record(name: str) -> dict:
-    """One shipped benchmark record, e.g. ``load_record("bench-h200")``."""
+    """One shipped benchmark record, e.g. ``load_record("bench-h200")``, as
+    ``book/09_tools`` loads them."""
     path = RECORDS / f"{name}.json"
     if not path.exists():
         raise ValueError(f"no benchmark record {name!r}; available: {records()}")

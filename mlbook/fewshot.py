@@ -49,7 +49,8 @@ SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}
 
 def maml_split(num_characters: int = 1623, seed: int = SPLIT_SEED) -> dict:
     """Character indices of the MAML split: ``{"train": [1100], "val": [100],
-    "test": [423]}`` (int64 tensors), from a fixed permutation (module doc)."""
+    "test": [423]}`` (int64 tensors), from a fixed permutation (module doc).
+    Introduced in ``book/07_few_shot_images``."""
     if num_characters != sum(SPLIT_SIZES.values()):
         raise ValueError(f"the MAML split needs all {sum(SPLIT_SIZES.values())} "
                          f"Omniglot characters, got {num_characters}")
@@ -61,7 +62,8 @@ def maml_split(num_characters: int = 1623, seed: int = SPLIT_SEED) -> dict:
 
 def rotate(images: torch.Tensor) -> torch.Tensor:
     """Rotations as new classes: ``[C, M, H, W]`` -> ``[4C, M, H, W]``, class
-    ``4c + r`` being class ``c`` rotated by ``r`` x 90 degrees."""
+    ``4c + r`` being class ``c`` rotated by ``r`` x 90 degrees. Introduced in
+    ``book/07_few_shot_images``."""
     rotated = [torch.rot90(images, r, dims=(-2, -1)) for r in range(4)]
     return torch.stack(rotated, 1).flatten(0, 1)  # [C, 4, M, H, W] -> [4C, M, H, W]
 
@@ -167,7 +169,7 @@ def omniglot(split: str = "train", n_way: int = 5, rotations: bool = True, data=
     (423), or ``"train+val"`` (the 1,200 the MAML paper trains on).
     ``data``: an already loaded :class:`mlbook.data.omniglot.Omniglot` (else
     ``omniglot.load(root, cache)``). With ``rotations`` each character gives
-    four classes.
+    four classes. Introduced in ``book/07_few_shot_images``.
     """
     from .data import omniglot as omniglot_data
 
@@ -195,6 +197,7 @@ def evaluate_one_query_at_a_time(learner, tasks, steps=(0, 1, 10),
     is kept: no query image sees another. Adaptation is the same (SGD on the
     support set with the learner's ``inner_lr``); the tasks are the same as
     ``mlbook.evaluate`` draws with the same arguments. Returns accuracy.
+    Introduced in ``book/07_few_shot_images``.
     """
     return evaluate_protocols(learner, tasks, steps, num_tasks, k_support, k_query,
                               seed, chunk, device)["one_query_at_a_time"]
@@ -211,7 +214,8 @@ def evaluate_protocols(learner, tasks, steps=(0, 1, 10), num_tasks: int = 600,
     gives with the same arguments (same tasks, same steps). The second protocol
     (see :func:`evaluate_one_query_at_a_time`) runs one forward pass per query
     image, so it can be limited to ``one_query_steps`` (default: ``steps``) and
-    to the first ``one_query_tasks`` tasks (default: all).
+    to the first ``one_query_tasks`` tasks (default: all). The Omniglot
+    records of ``book/07_few_shot_images`` come from it.
     """
     steps = sorted(set(steps))
     single_steps = steps if one_query_steps is None else sorted(set(one_query_steps))

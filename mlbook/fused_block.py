@@ -169,7 +169,8 @@ def bn_relu_pool(h, gamma, beta, eps=1e-5, compiled=True, one_pass=False):
     forward, backward and double backward (see the module).
     ``compiled=False`` runs the same formulas eagerly; ``one_pass=True``
     takes the batch statistics with ``torch.var_mean`` (one read of ``h``)
-    instead of the mean and then the variance (a speed experiment)."""
+    instead of the mean and then the variance (a speed experiment). The fused
+    block of ``book/09_tools``."""
     if h.dim() != 4:
         raise ValueError(f"h must be [N, C, H, W], got shape {tuple(h.shape)}")
     if gamma.shape != (h.shape[1],) or beta.shape != (h.shape[1],):

@@ -41,7 +41,8 @@ _FIELDS = ("x_support", "y_support", "x_query", "y_query")
 
 
 class GraphedStep:
-    """``learner.step(batch, optimizer)`` recorded once in a CUDA graph."""
+    """``learner.step(batch, optimizer)`` recorded once in a CUDA graph
+    (``book/09_tools``)."""
 
     def __init__(self, learner, optimizer, batch: TaskBatch, warmup: int = 3):
         if not torch.cuda.is_available():

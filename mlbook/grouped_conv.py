@@ -106,7 +106,8 @@ def _weight_grad(grad_out, h, w, stride, padding, dilation, groups):
 
 def grouped_conv2d(h, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d(h, w, bias, stride, padding, dilation, groups)`` with a
-    backward whose own derivative has no per-group loop (see the module)."""
+    backward whose own derivative has no per-group loop (see the module), as
+    ``book/09_tools`` describes."""
     if isinstance(padding, str):
         raise ValueError("grouped_conv2d takes numeric padding, not 'same'/'valid'")
     if torch.compiler.is_compiling():
@@ -175,7 +176,8 @@ def shared_conv2d(h, w, bias=None, stride=1, padding=0, dilation=1):
     weights whose derivatives end up summed over the tasks, as an expand's
     backward does: differentiated twice, the input gradient's derivative
     with respect to the filters is put on ``w[0]`` alone (see ``backward``).
-    ``h`` must be NCHW-contiguous ``[N, T*C, H, W]``."""
+    ``h`` must be NCHW-contiguous ``[N, T*C, H, W]``. An untimed experiment
+    beside the grouped convolution of ``book/09_tools``."""
     if isinstance(padding, str):
         raise ValueError("shared_conv2d takes numeric padding, not 'same'/'valid'")
     if w.dim() != 5 or h.dim() != 4 or h.shape[1] != w.shape[0] * w.shape[2]:

@@ -63,6 +63,9 @@ class MAML(InnerLoop):
     (``mlbook.fused_block``). Each is compiled at its first call for each
     shape, which takes seconds; if compiling fails (no Triton for the card,
     say) ``mlbook`` warns once and runs both eagerly, with cuDNN's batch norm.
+
+    Introduced in ``book/01_learning_to_learn``; its objective and meta-gradient
+    are derived in ``book/04_maml``.
     """
 
     def __init__(

@@ -134,7 +134,7 @@ def relu_mlp_meta_grad(weights, biases, x_s, y_s, x_q, y_q, alpha, first_order=F
 
     ``x_s [T, K, in]``, ``y_s [T, K, out]``, ``x_q [T, Q, in]``, ``y_q [T, Q,
     out]``. Returns ``(loss, grad_weights, grad_biases)``; plain tensors, no
-    autograd graph.
+    autograd graph. ``book/09_tools`` times it against autograd's.
     """
     num_tasks, n = x_s.shape[0], len(weights)
     # Support pass at theta (the same weights for every task).
@@ -188,7 +188,8 @@ def relu_mlp_meta_grad(weights, biases, x_s, y_s, x_q, y_q, alpha, first_order=F
 def relu_mlp_sgd(weights, biases, x, y, alpha, steps):
     """Each task's ``(weights, biases)`` after ``steps`` SGD steps on its mean
     squared error, ``x [T, K, in]``, ``y [T, K, out]``, from the shared
-    ``weights[l] [out, in]`` and ``biases[l] [out]`` (the results are [T, ...])."""
+    ``weights[l] [out, in]`` and ``biases[l] [out]`` (the results are [T, ...]).
+    Reptile's inner loop in the closed-form steps of ``book/09_tools``."""
     for _ in range(steps):
         acts, masks, out = _forward(x, weights, biases)
         delta = (out - y) * (2.0 / out[0].numel())
@@ -203,7 +204,8 @@ def reptile_step(weights, biases, x_s, y_s, x_e, y_e, alpha, steps, outer_lr, gu
     adapted weights on ``x_e``/``y_e`` and the directions ``theta - mean_t
     phi_t`` (``weights`` then ``biases``). With ``outer_lr`` (a 0-dim tensor)
     the update is also applied to ``weights`` and ``biases`` in place; with
-    ``guard`` it is skipped unless every task's loss is finite."""
+    ``guard`` it is skipped unless every task's loss is finite.
+    ``book/09_tools`` times it."""
     fast_w, fast_b = relu_mlp_sgd(weights, biases, x_s, y_s, alpha, steps)
     out = _forward(x_e, fast_w, fast_b)[2]
     losses = (out - y_e).square().flatten(1).mean(1)
@@ -231,7 +233,8 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, hyper, apply):
     ``torch.optim.Adam`` keeps: ``exp_avg``, ``exp_avg_sq``, ``step``) updated
     in place too. ``lr`` is a 0-dim tensor (so a schedule does not recompile);
     ``hyper = (beta1, beta2, eps, weight_decay)``; nothing changes unless the
-    0-dim bool ``apply`` is true."""
+    0-dim bool ``apply`` is true. Part of the compiled MAML step of
+    ``book/09_tools``."""
     beta1, beta2, eps, weight_decay = hyper
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         t_new = t + 1
@@ -252,7 +255,8 @@ def maml_adam_step(
     """One whole MAML meta-step of the MLP: ``relu_mlp_meta_grad``, then
     ``adam_update`` of ``weights + biases`` with ``state = (exp_avgs,
     exp_avg_sqs, steps)`` in the same order, skipped when the loss is not
-    finite. Returns what ``relu_mlp_meta_grad`` returns."""
+    finite. Returns what ``relu_mlp_meta_grad`` returns. The compiled MAML step
+    of ``book/09_tools``."""
     loss, g_w, g_b = relu_mlp_meta_grad(
         weights, biases, x_s, y_s, x_q, y_q, alpha, first_order
     )

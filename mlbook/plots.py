@@ -12,7 +12,8 @@ __all__ = ["sinusoid_fits", "learning_curves", "smooth"]
 
 
 def smooth(values, window: int = 100) -> torch.Tensor:
-    """Moving average over ``window`` points (for noisy meta-loss curves)."""
+    """Moving average over ``window`` points (for noisy meta-loss curves), as
+    the curves of ``book/04_maml`` and ``book/06_reptile`` take it."""
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     window = max(1, min(window, v.numel()))
     kernel = torch.ones(1, 1, window, dtype=torch.float64) / window
@@ -50,7 +51,8 @@ def sinusoid_fits(
 def learning_curves(curves: dict, window: int = 100, ax=None, log: bool = True):
     """Smoothed loss curves ``{label: losses}`` against meta-iteration; each
     point is the mean of the ``window`` iterations that end there (of all of
-    them, for a curve shorter than ``window``)."""
+    them, for a curve shorter than ``window``). Introduced in
+    ``book/02_meta_vs_transfer``."""
     ax = ax or plt.gca()
     used = set()
     for label, losses in curves.items():

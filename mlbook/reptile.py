@@ -35,6 +35,7 @@ class Reptile(InnerLoop):
     20 s to compile once; falls back to eager with a warning). ``Conv4`` on
     CUDA takes its inner steps through ``torch.compile`` (as ``MAML`` does its
     passes differentiated once), compiled at the first step of each shape.
+    Introduced in ``book/06_reptile``.
     """
 
     uses_optimizer = False

@@ -24,6 +24,7 @@ class TaskBatch:
     Shapes: ``x_support [T, K, ...]``, ``y_support [T, K, ...]``,
     ``x_query [T, Q, ...]``, ``y_query [T, Q, ...]``. ``info`` carries optional
     per-task metadata (for the sinusoid: ``amplitude`` and ``phase``, both [T]).
+    Introduced in ``book/03_tasks``.
     """
 
     x_support: torch.Tensor

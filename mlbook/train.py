@@ -26,7 +26,8 @@ __all__ = ["meta_train", "evaluate", "EvalResult", "TrainResult", "default_devic
 
 
 def default_device() -> torch.device:
-    """CUDA when it is present, else the CPU."""
+    """CUDA when it is present, else the CPU (what ``meta_train`` and the
+    Omniglot runs of ``book/07_few_shot_images`` pick)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -34,7 +35,8 @@ def default_device() -> torch.device:
 class TrainResult:
     """What ``meta_train`` returns: the loss of every meta-iteration run so far
     and the training wall time, both including the earlier part of a resumed
-    run (``resumed_from`` says where this call started)."""
+    run (``resumed_from`` says where this call started). Introduced in
+    ``book/03_tasks``."""
 
     losses: list = field(default_factory=list)
     seconds: float = 0.0
@@ -204,6 +206,8 @@ def meta_train(
     at the first iteration and replays it after (``mlbook.graph``): same
     updates, a fraction of the launch overhead. The default optimizer is then
     built with ``capturable=True``; one you pass must be too.
+
+    Introduced in ``book/03_tasks`` (the outer loop it runs).
     """
     iterations = _positive("iterations", iterations, int, allow_zero=True)
     _positive("num_tasks", num_tasks, int)
@@ -375,7 +379,8 @@ class EvalResult:
     and ``ci95`` summarise it (95% interval: 1.96 standard errors). Tasks whose
     adaptation diverged (NaN or infinite metric; only kept when ``evaluate``
     was called with ``allow_diverged=True``) are left out of both and counted
-    in ``diverged``: always report that count beside the mean.
+    in ``diverged``: always report that count beside the mean. Introduced in
+    ``book/02_meta_vs_transfer``.
     """
 
     steps: list
@@ -528,6 +533,7 @@ def evaluate(
     in ``EvalResult.diverged``. The model runs in the mode it is in: call
     ``learner.model.eval()`` first if it has dropout (mlbook's models, whose
     batch norm keeps no running statistics, act the same in either mode).
+    Introduced in ``book/01_learning_to_learn``.
     """
     if isinstance(steps, int):
         raise TypeError(f"steps must be a sequence of step counts, e.g. ({steps},)")

@@ -21,7 +21,8 @@ __all__ = ["Pretrained"]
 
 
 class Pretrained(InnerLoop):
-    """Joint ("pooled") training of ``model``; ``adapt`` fine-tunes with SGD."""
+    """Joint ("pooled") training of ``model``; ``adapt`` fine-tunes with SGD.
+    Introduced in ``book/02_meta_vs_transfer``."""
 
     uses_optimizer = True
 

@@ -22,12 +22,13 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
 def available() -> list[str]:
-    """Names of the shipped checkpoints."""
+    """Names of the shipped checkpoints (``book/04_maml`` lists them)."""
     return sorted(p.stem for p in CHECKPOINTS.glob("*.json"))
 
 
 def info(name: str) -> dict:
-    """The JSON record of checkpoint ``name``."""
+    """The JSON record of checkpoint ``name`` (``book/07_few_shot_images``
+    reads the Omniglot ones)."""
     path = CHECKPOINTS / f"{name}.json"
     if not path.exists():
         raise KeyError(f"no checkpoint {name!r}; available: {available()}")
@@ -35,7 +36,8 @@ def info(name: str) -> dict:
 
 
 def build_model(spec: dict) -> torch.nn.Module:
-    """The model described by a record's ``model`` entry."""
+    """The model described by a record's ``model`` entry (what ``load`` builds
+    before it loads the weights; ``book/01_learning_to_learn`` loads one)."""
     kind = spec["kind"]
     args = {k: v for k, v in spec.items() if k != "kind"}
     if kind == "MLP":
@@ -48,7 +50,8 @@ def build_model(spec: dict) -> torch.nn.Module:
 
 
 def load(name: str, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """``(model, record)`` for shipped checkpoint ``name``."""
+    """``(model, record)`` for shipped checkpoint ``name``. Introduced in
+    ``book/01_learning_to_learn``."""
     record = info(name)
     model = build_model(record["model"])
     state = torch.load(
@@ -66,7 +69,9 @@ def save(
     overwrite: bool = False,
 ):
     """Write ``name.pt`` and ``name.json``; refuses to replace existing files
-    unless ``overwrite=True``."""
+    unless ``overwrite=True``. The ``--ship`` runs of ``python -m mlbook
+    sinusoid`` (``book/04_maml`` shows the command) and of
+    ``mlbook.omniglot_repro`` save through it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pt, js = directory / f"{name}.pt", directory / f"{name}.json"

@@ -7,6 +7,7 @@ fails here (it is never skipped). Executing the chapters is nbval's job
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -259,3 +260,83 @@ def test_no_machine_paths(path):
     text = _text_of(path) if path.parent == BOOK else path.read_text()
     hits = sorted({m.group(0) for m in MACHINE_PATH.finditer(text)})
     assert not hits, f"machine-specific paths in {path.name}: {hits}"
+
+
+# -- the package's docstrings --------------------------------------------------------
+
+API_PAGE = (BOOK / "api.md").read_text()
+CHAPTER_NAME = re.compile(r"book/\d\d_\w+")
+
+
+def _api_objects() -> list[tuple[str, str]]:
+    """(dotted name, module) of what the API page documents one by one: each
+    autoclass/autofunction, and each member of an automodule, the listed ones
+    or, for a bare ``:members:``, every public function and class defined in
+    a module whose own docstring names no chapter."""
+    import importlib
+    import inspect
+
+    found = re.findall(r"\.\. auto(?:class|function):: (\S+)", API_PAGE)
+    for module, options in re.findall(
+        r"\.\. automodule:: (\S+)\n((?:   :.*\n)*)", API_PAGE
+    ):
+        listed = re.search(r":members:(.*)", options)
+        names = [n.strip() for n in listed.group(1).split(",") if n.strip()]
+        mod = importlib.import_module(module)
+        if not names and not CHAPTER_NAME.search(mod.__doc__ or ""):
+            names = [
+                n
+                for n, o in vars(mod).items()
+                if not n.startswith("_")
+                and (inspect.isfunction(o) or inspect.isclass(o))
+                and o.__module__ == module
+            ]
+        found += [f"{module}.{n}" for n in names]
+    return found
+
+
+def _resolve_object(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _chapter_code() -> dict[str, str]:
+    return {
+        entry: "\n".join(
+            c.source for c in _notebook(entry).cells if c.cell_type == "code"
+        )
+        for entry in CHAPTERS
+    }
+
+
+@pytest.mark.parametrize("dotted", _api_objects())
+def test_docstring_names_the_chapter_that_introduces_it(dotted):
+    # DESIGN section 8: a reader of help(...) finds the chapter to read.
+    doc = _resolve_object(dotted).__doc__ or ""
+    named = set(CHAPTER_NAME.findall(doc))
+    assert named, f"{dotted}'s docstring names no chapter (book/NN_name)"
+    assert named <= set(CHAPTERS), f"{dotted} names {named - set(CHAPTERS)}"
+    # where chapters call it, it names one of them: `ml.MAML`, `zoo.load`
+    short = ".".join(dotted.split(".")[-2:]) if "." in dotted[7:] else dotted
+    short = short.removeprefix("mlbook.")
+    callers = {
+        entry
+        for entry, code in _chapter_code().items()
+        if re.search(rf"(?<![\w.])(?:ml\.)?{re.escape(short)}\b", code)
+    }
+    if callers:
+        assert named & callers, f"{dotted}: named {named}, used in {callers}"
+
+
+@pytest.mark.parametrize(
+    "module", re.findall(r"\.\. automodule:: (\S+)", API_PAGE)
+)
+def test_documented_module_or_each_member_names_a_chapter(module):
+    import importlib
+
+    doc = importlib.import_module(module).__doc__ or ""
+    members = [d for d in _api_objects() if d.rpartition(".")[0] == module]
+    assert CHAPTER_NAME.search(doc) or members, f"{module} names no chapter"
