@@ -35,6 +35,7 @@ support forward and backward passes again, differentiating each line along v
     R{z_l} = R{a_{l-1}} W_l^T + a_{l-1} v_W_l^T + v_b_l,   R{a_l} = m_l R{z_l}
     R{delta_L} = 2 R{o} / n_s
     R{dL_s/dW_l} = R{delta_l}^T a_{l-1} + delta_l^T R{a_{l-1}}
+    R{dL_s/db_l} = sum over examples of R{delta_l}
     R{delta_{l-1}} = (R{delta_l} W_l + delta_l v_W_l) * m_{l-1}
 
 First-order MAML drops the H_s v term. The meta-gradient of theta (shared by
