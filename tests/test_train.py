@@ -3,6 +3,7 @@ the reproduction command."""
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -285,3 +286,23 @@ def test_reproduction_command_runs_end_to_end(tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "unknown method" in bad.stderr
+
+
+def test_readme_thirty_second_snippet_runs_as_written(tmp_path, monkeypatch):
+    # The README's first code block, run with 3 meta-iterations for its 5,000:
+    # where CUDA is present it runs there (it broke on CUDA once, when the
+    # batch stayed on the CPU and meta_train moved the model).
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## The package in thirty seconds", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count("iterations=5_000") == 1
+    code = code.replace("iterations=5_000", "iterations=3")
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert (tmp_path / "runs" / "maml.pt").is_file()
+    assert ns["run"].iterations == 3
+    assert ns["y_hat"].shape == ns["batch"].y_query[0].shape
+    # adaptation returned new tensors and left the network as training left it
+    for name, p in ns["net"].named_parameters():
+        assert not torch.equal(ns["fast"][name], p), name
