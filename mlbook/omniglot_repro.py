@@ -9,9 +9,10 @@ trains ``mlbook.models.Conv4(1, way)`` on the MAML split of Omniglot
 model into ``mlbook/checkpoints`` (``mlbook.zoo.load("omniglot-maml-5w1s")``).
 Training resumes from ``<out>/.../train.pt`` when interrupted. The paper
 settings are the defaults (``SETTINGS``); ``--iterations`` shortens a run, and
-``--cpu-minutes`` picks the number of iterations that fits a CPU-time budget
-(timed on a few throw-away iterations first); the record always names the
-exact ``--iterations`` that reproduces it.
+``--cpu-minutes`` (``--minutes``) picks the number of iterations that fits a
+budget of CPU (wall-clock) time, timed on a few throw-away iterations first;
+the record always names the exact ``--iterations`` that reproduces it. On
+CUDA, ``--cuda-graph`` replays each meta-step from a CUDA graph.
 
 Settings (``settings()``):
 
@@ -372,10 +373,16 @@ def main(argv=None):
     p.add_argument("--out", default="runs/omniglot")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--root", default=None, help="data folder (default $MLBOOK_DATA)")
+    p.add_argument("--root", default=None,
+                   help="data folder (default $MLBOOK_DATA, else ~/.cache/mlbook)")
     p.add_argument("--ship", action="store_true",
                    help="also save the model into mlbook/checkpoints")
     a = p.parse_args(argv)
+    # Refused here, before the images are decoded and the timing iterations run.
+    device = torch.device(a.device) if a.device else default_device()
+    if a.cuda_graph and device.type != "cuda":
+        p.error(f"--cuda-graph needs a CUDA device; this run would use {device} "
+                "(drop --cuda-graph there)")
     torch.set_num_threads(a.threads)
     r = run(a.method, a.way, a.shot, a.iterations, a.cpu_minutes, a.seed, a.out,
             a.device, a.ship, a.eval_tasks, a.one_query_tasks, a.meta_batch, a.root,

@@ -415,3 +415,16 @@ def test_reproduction_command_writes_a_complete_record(tmp_path, root, data,
     assert "--iterations 2 --meta-batch 2 --eval-tasks 3" in saved["command"]
     assert zoo.build_model(saved["model"]).head.out_features == 5
     assert "omniglot-fomaml-5w1s" in omniglot_repro.table([saved])
+
+
+def test_cuda_graph_off_cuda_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    def run(*args, **kwargs):
+        raise AssertionError("run() reached: the option was not checked first")
+
+    monkeypatch.setattr(omniglot_repro, "run", run)
+    with pytest.raises(SystemExit) as e:
+        omniglot_repro.main(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--cuda-graph needs a CUDA device; this run would use cpu" in (
+        capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
