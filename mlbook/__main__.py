@@ -45,7 +45,7 @@ def main(argv=None):
         "--compile",
         action="store_true",
         help="MAML, first-order MAML and Reptile steps through torch.compile "
-        "(CPU; about 20 s to compile each, then about a fourth of the time per "
+        "(CPU; about 20 s to compile each, then under a third of the time per "
         "step)",
     )
     s.add_argument(

@@ -17,10 +17,11 @@ Workloads (``--workloads``):
   at 0.02, outer step 0.1 (the sinusoid reproduction's settings);
 * ``conv4``: MAML on Omniglot-shaped 5-way 1-shot episodes, Conv4, one inner
   step at 0.4, meta-batch 32 (8 on the CPU), 5 query images per class;
-* ``conv4-20w``: MAML 20-way 1-shot, five inner steps at 0.1, meta-batch 16;
+* ``conv4-20w``: MAML 20-way 1-shot, five inner steps at 0.1, meta-batch 16
+  (4 on the CPU), 1 query image per class;
 * ``conv4-fo``: first-order MAML, otherwise ``conv4``;
 * ``conv4-reptile``: Reptile 5-way, 10 images per class, five inner steps at
-  0.1, meta-batch 5 (the Reptile paper's Omniglot shape).
+  0.1, outer step 1.0, meta-batch 5 (the Reptile paper's Omniglot shape).
 
 Images are random (speed does not depend on the pixels). Variants run in
 interleaved rounds and the median round is reported, so a busy machine slows
@@ -696,9 +697,11 @@ def count_ops(w, device, levers=False) -> dict:
     and memory traffic, not a timing. ``w``: a Conv4 MAML workload,
     ``workload("conv4", device, gpu_sizes=True)`` say; ``levers``:
     mlbook.fused_block in every pass and the first layer as a matmul, else
-    neither (``UNFUSED``; CUDA's default has both, the block in the support
-    pass only). Returns the counts as a dict; ``book/09_tools`` explains the
-    count."""
+    neither (``UNFUSED``). Both counts leave out the levers CUDA's default
+    added later (compiled passes differentiated once, one-pass statistics), so
+    they count the fused block and the matmul only, not today's CUDA step
+    (which has both, the block in the support pass only). Returns the counts
+    as a dict; ``book/09_tools`` explains the count."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -762,9 +765,9 @@ RECORDS = Path(__file__).parent / "records"
 
 
 def records() -> list[str]:
-    """Names of the shipped benchmark records (GPU runs, made by
-    ``scripts/gpu_checks.sh``; each holds the command that produced it), read
-    by ``book/09_tools``."""
+    """Names of the shipped benchmark records: ``bench-h200*`` timed on an
+    NVIDIA H200, ``bench-cpu*`` on a two-core CPU; each holds the command that
+    produced it. Read by ``book/09_tools``."""
     return sorted(p.stem for p in RECORDS.glob("*.json"))
 
 

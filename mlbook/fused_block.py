@@ -44,9 +44,10 @@ _POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, pad, dil, cei
 def _normalize(h, gamma, beta, eps, one_pass=False):
     # mu, var, xhat, z of the module docstring, per channel over (N, H, W)
     if one_pass:
-        # both statistics in one read of h (compiled: a Welford reduction).
-        # An experiment: the H200 profile put the two-pass form's reduction
-        # at 45 us per call on a 32 MB activation, several times its bytes
+        # both statistics in one read of h (compiled: a Welford reduction);
+        # mlbook's inner loop passes it (inner.py, _one_pass_stats): the H200
+        # profile put the two-pass form's reduction at 45 us per call on a
+        # 32 MB activation, several times its bytes
         var, mean = torch.var_mean(h, (0, 2, 3), correction=0, keepdim=True)
     else:
         mean = h.mean((0, 2, 3), keepdim=True)
@@ -169,8 +170,9 @@ def bn_relu_pool(h, gamma, beta, eps=1e-5, compiled=True, one_pass=False):
     forward, backward and double backward (see the module).
     ``compiled=False`` runs the same formulas eagerly; ``one_pass=True``
     takes the batch statistics with ``torch.var_mean`` (one read of ``h``)
-    instead of the mean and then the variance (a speed experiment). The fused
-    block of ``book/09_tools``."""
+    instead of the mean and then the variance, as mlbook's inner loop calls
+    it (the default here stays the textbook two-pass form). The fused block of
+    ``book/09_tools``."""
     if h.dim() != 4:
         raise ValueError(f"h must be [N, C, H, W], got shape {tuple(h.shape)}")
     if gamma.shape != (h.shape[1],) or beta.shape != (h.shape[1],):

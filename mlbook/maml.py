@@ -9,8 +9,8 @@ and its meta-gradient, by the chain rule through the inner step:
 
     grad_theta L^query(theta') = (I - alpha * H_support(theta)) grad L^query(theta')
 
-``MAML.meta_loss`` builds exactly this (through every inner step): one batched
-forward pass over the tasks, autograd keeping the inner gradients' graph;
+``MAML.meta_loss`` builds exactly this (through every inner step): the tasks
+batched, autograd keeping the inner gradients' graph;
 first-order MAML drops the Hessian term. Introduced in
 ``book/04_maml``.
 """
@@ -40,7 +40,7 @@ class MAML(InnerLoop):
     ``torch.compile``, and when the optimizer is a plain ``torch.optim.Adam``
     over the model's parameters the Adam update goes into the same compiled
     call (``mlp_grad.maml_adam_step``; its state stays in the optimizer, in
-    Adam's own format). About a fourth of the eager time per step; compiling
+    Adam's own format). Under a third of the eager time per step; compiling
     takes some 20 s once, needs a C++ compiler, and falls back to eager with a
     warning.
 
@@ -99,8 +99,9 @@ class MAML(InnerLoop):
     def meta_loss(self, batch: TaskBatch, reduce: bool = True) -> torch.Tensor:
         """Mean query loss after ``inner_steps`` steps on each support set.
 
-        All tasks run in one batched forward pass (see ``InnerLoop``); autograd
-        keeps the inner steps' graph. With ``reduce=False`` the per-task losses
+        The tasks run as one batch (one forward pass over all of them, except
+        Conv4 on the CPU, which takes them one at a time; see ``InnerLoop``);
+        autograd keeps the inner steps' graph. With ``reduce=False`` the per-task losses
         ``[T]`` are returned.
         """
         self._check_meta_batch(batch)

@@ -28,8 +28,9 @@
 # TF32=1 adds a benchmark with TF32 matmuls; COMPILE=1 adds, to "speed", the
 # compiled torch.func meta-gradient of `bench --compile`; TESTS picks the
 # test files). CELLS="method shot minutes,..."
-# picks the cells; DEVICE=cpu SCALE=0.01 makes a short dry run of the same steps
-# on a machine without a GPU (in a copy of the tree: --ship writes checkpoints).
+# picks the cells; DEVICE=cpu SCALE=0.01 is a dry run of the same steps on a
+# machine without a GPU (in a copy of the tree: --ship writes checkpoints);
+# "short" only against the GPU run's budget: some 15 minutes on two cores.
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
