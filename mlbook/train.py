@@ -44,6 +44,15 @@ class TrainResult:
     resumed_from: int = 0
 
 
+def _label(learner) -> str:
+    # The progress bar's name for the method: first-order MAML is a MAML
+    # object, and Reptile (first order too) its own class.
+    name = type(learner).__name__
+    if name == "MAML" and getattr(learner, "first_order", False):
+        return "first-order MAML"
+    return name
+
+
 def _save_atomic(obj, path: Path):
     # Write to a fresh temporary file and rename, so an interruption never
     # leaves a half-written checkpoint where a good one was (and no file of
@@ -320,7 +329,7 @@ def meta_train(
         disable=not progress,
         mininterval=1.0,
         file=sys.stderr,
-        desc=type(learner).__name__,
+        desc=_label(learner),
     )
     graphed, pending = None, []
 

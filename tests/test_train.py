@@ -306,3 +306,19 @@ def test_readme_thirty_second_snippet_runs_as_written(tmp_path, monkeypatch):
     # adaptation returned new tensors and left the network as training left it
     for name, p in ns["net"].named_parameters():
         assert not torch.equal(ns["fast"][name], p), name
+
+
+@pytest.mark.parametrize(
+    "method, label",
+    [("maml", "MAML:"), ("fomaml", "first-order MAML:"), ("reptile", "Reptile:")],
+)
+def test_progress_bar_names_the_method(method, label, capsys):
+    torch.manual_seed(0)
+    net = ml.models.MLP(1, (8,), 1)
+    learner = (
+        ml.Reptile(net, F.mse_loss, inner_lr=0.02, inner_steps=1)
+        if method == "reptile"
+        else ml.MAML(net, F.mse_loss, 0.01, first_order=method == "fomaml")
+    )
+    ml.meta_train(learner, ml.tasks.Sinusoid(), 1, num_tasks=2, device="cpu")
+    assert capsys.readouterr().err.lstrip("\r").startswith(label)
